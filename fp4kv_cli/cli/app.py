@@ -1,0 +1,42 @@
+"""The Typer application objects, shared consoles, and the one-line error convention."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from fp4kv_cli.errors import FP4KVError
+
+app = typer.Typer(
+    name="fp4kv",
+    help="Calibrate, export and evaluate 4-bit (NVFP4 / block FP4) KV caches.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+eval_app = typer.Typer(help="Accuracy with the KV cache really stored in a chosen format.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print machine, versions and figures.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(func: F) -> F:
+    """Turn :class:`FP4KVError` raised by a command into a one-line error and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FP4KVError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,37 @@
+"""The shared FP4 KV quant core: formats, reference math, methods and their registry.
+
+Free of transformers imports so serving code can reuse it.
+"""
+
+from fp4kv_cli.quant.methods import (
+    BF16KVMethod,
+    BlockFP4KVMethod,
+    FP4KVCacheQuantMethod,
+    FP8KVMethod,
+    KVCacheMethod,
+    LayerScales,
+    NVFP4KVMethod,
+)
+from fp4kv_cli.quant.registry import (
+    FP4_KV_CACHE_QUANT_REGISTRY,
+    KV_CACHE_METHOD_REGISTRY,
+    get_fp4_kv_cache_quant_method,
+    get_kv_cache_method,
+)
+from fp4kv_cli.quant.utils import BlockFP4KVQuantizeUtil, NVFP4KVQuantizeUtil
+
+__all__ = [
+    "BF16KVMethod",
+    "BlockFP4KVMethod",
+    "BlockFP4KVQuantizeUtil",
+    "FP4KVCacheQuantMethod",
+    "FP4_KV_CACHE_QUANT_REGISTRY",
+    "FP8KVMethod",
+    "KVCacheMethod",
+    "KV_CACHE_METHOD_REGISTRY",
+    "LayerScales",
+    "NVFP4KVMethod",
+    "NVFP4KVQuantizeUtil",
+    "get_fp4_kv_cache_quant_method",
+    "get_kv_cache_method",
+]

@@ -1,0 +1,316 @@
+"""KV cache quant methods (SGLang's strategy design): buffers, quantize-and-store, dequantize,
+cell size and scale loading for one storage format each.
+
+The pool owns the buffers these create; attention backends only reshape what they return.
+No transformers import here, so serving code can reuse the core.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.quant import reference
+from fp4kv_cli.quant.backend import get_backend
+from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX, FP4_BLOCK_SIZE
+from fp4kv_cli.quant.scales import ScalesFile, per_layer_amax
+
+ScaleSource = str | os.PathLike[str] | Mapping[str, Any] | ScalesFile
+Buffers = dict[str, list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """Per-layer K and V scales a method uses, as float32 tensors of shape ``[num_layers]``.
+
+    For NVFP4 these are the global dequant scales ``g``; for FP8 the per-tensor scales ``s``.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class KVCacheMethod(ABC):
+    """One KV storage format: buffer layout, write path, read path, size and scales."""
+
+    name: ClassVar[str]
+    #: Stored bits per cached element, block scales included.
+    bits_per_element: ClassVar[float]
+    #: Whether a per-layer K/V scale is needed (from calibration or computed dynamically).
+    uses_tensor_scale: ClassVar[bool] = False
+
+    @abstractmethod
+    def create_buffers(
+        self, size: int, head_num: int, head_dim: int, layer_num: int, device: torch.device | str
+    ) -> Buffers:
+        """Allocate ``layer_num`` K/V data (and scale) buffers of ``size`` token slots.
+
+        Returns ``{"k_buffer": [...], "v_buffer": [...], "k_scale_buffer": [...],
+        "v_scale_buffer": [...]}`` with one tensor per layer (scale lists empty where the
+        format has no block scales).
+        """
+
+    @abstractmethod
+    def quantize_and_store(
+        self,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        k_scale_buffer: torch.Tensor | None,
+        v_scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
+    ) -> None:
+        """Quantize ``cache_k``/``cache_v`` ``[N, heads, head_dim]`` into one layer's buffers at
+        slots ``loc [N]`` (int64). ``k_scale``/``v_scale`` are that layer's per-tensor scales."""
+
+    @abstractmethod
+    def dequantize(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor | None = None,
+        global_scale: float | torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """Read slots ``loc [N]`` (all if None) back as ``[N, heads, head_dim]`` of ``dtype``."""
+
+    @abstractmethod
+    def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
+        """Bytes one token occupies over all layers, block scales included.
+
+        ``kv_size`` is the number of cached tensors per layer (2: K and V).
+        """
+
+    def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales | None:
+        """Per-layer scales this method uses for the given amax (None if it uses none)."""
+        return None
+
+    def load_scales(self, source: ScaleSource) -> LayerScales | None:
+        """Per-layer scales from a ``scales.json`` path, a scales dict or a parsed file."""
+        if not self.uses_tensor_scale:
+            return None
+        k_amax, v_amax = per_layer_amax(source)
+        return self.scales_from_amax(k_amax, v_amax)
+
+
+class FP4KVCacheQuantMethod(KVCacheMethod):
+    """Packed E2M1 data ``[size, heads, head_dim/2]`` uint8 + one scale byte per 16 elements
+    ``[size, heads, head_dim/16]`` uint8."""
+
+    SCALE_BLOCK_SIZE: ClassVar[int] = FP4_BLOCK_SIZE
+    bits_per_element: ClassVar[float] = 4 + 8 / FP4_BLOCK_SIZE
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise ``ValueError`` unless ``head_dim`` is a multiple of the scale block."""
+        if head_dim % self.SCALE_BLOCK_SIZE:
+            raise FP4KVError(
+                f"{self.name} needs head_dim divisible by {self.SCALE_BLOCK_SIZE}, got {head_dim}; "
+                "use --kv-dtype fp8 or bf16 for this model"
+            )
+
+    def create_buffers(
+        self, size: int, head_num: int, head_dim: int, layer_num: int, device: torch.device | str
+    ) -> Buffers:
+        self.check_head_dim(head_dim)
+
+        def make(width: int) -> list[torch.Tensor]:
+            return [torch.zeros(size, head_num, width, dtype=torch.uint8, device=device) for _ in range(layer_num)]
+
+        return {
+            "k_buffer": make(head_dim // 2),
+            "v_buffer": make(head_dim // 2),
+            "k_scale_buffer": make(head_dim // self.SCALE_BLOCK_SIZE),
+            "v_scale_buffer": make(head_dim // self.SCALE_BLOCK_SIZE),
+        }
+
+    def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
+        self.check_head_dim(head_dim)
+        per_head = head_dim // 2 + head_dim // self.SCALE_BLOCK_SIZE
+        return per_head * head_num * num_layers * kv_size
+
+    def quantize_and_store(
+        self,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        k_scale_buffer: torch.Tensor | None,
+        v_scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
+    ) -> None:
+        backend = get_backend(cache_k.device)
+        for data, scales, x, s in (
+            (k_buffer, k_scale_buffer, cache_k, k_scale),
+            (v_buffer, v_scale_buffer, cache_v, v_scale),
+        ):
+            backend.quantize_and_store(self.name, data, scales, loc, x, self._global(s, x.device))
+
+    def dequantize(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor | None = None,
+        global_scale: float | torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        fp8_scale: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`KVCacheMethod.dequantize`; ``dtype=torch.float8_e4m3fn`` re-encodes the values
+        as E4M3 with per-tensor scale ``fp8_scale`` (NVFP4 default ``6 * g``, which cannot overflow)
+        for FP8 attention paths."""
+        backend = get_backend(data_buffer.device)
+        g = self._global(global_scale, data_buffer.device)
+        if dtype != torch.float8_e4m3fn:
+            return backend.dequantize_gather(self.name, data_buffer, scale_buffer, loc, g, dtype)
+        if fp8_scale is None:
+            if g is None:
+                raise ValueError(f"{self.name} -> fp8 needs fp8_scale (the per-tensor FP8 scale)")
+            fp8_scale = g * E2M1_MAX
+        values = backend.dequantize_gather(self.name, data_buffer, scale_buffer, loc, g, torch.float32)
+        return reference.to_fp8_output(values, fp8_scale)
+
+    def _global(self, scale: float | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        return None
+
+
+class NVFP4KVMethod(FP4KVCacheQuantMethod):
+    """Two-level NVFP4: FP32 per-layer global dequant scale ``g`` x FP8 E4M3 scale per 16.
+
+    ``g`` (``k_scale``/``v_scale``) is ``amax / (6 * 448)`` of the calibrated K or V.
+    """
+
+    name: ClassVar[str] = "nvfp4"
+    uses_tensor_scale: ClassVar[bool] = True
+
+    def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales:
+        divisor = E2M1_MAX * E4M3_MAX
+        return LayerScales(
+            k=torch.tensor(k_amax, dtype=torch.float32) / divisor,
+            v=torch.tensor(v_amax, dtype=torch.float32) / divisor,
+        )
+
+    def _global(self, scale: float | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        if scale is None:
+            raise ValueError("nvfp4 needs a per-layer global scale (k_scale / v_scale)")
+        return reference.as_global_scale(scale, device)
+
+
+class BlockFP4KVMethod(FP4KVCacheQuantMethod):
+    """Single-level block FP4: a power-of-two UE8M0 scale per 16 elements, no global scale."""
+
+    name: ClassVar[str] = "blockfp4"
+
+
+class FP8KVMethod(KVCacheMethod):
+    """Per-tensor FP8 E4M3 (``float8_e4m3fn``) with a per-layer scale ``s = amax / 448``."""
+
+    name: ClassVar[str] = "fp8"
+    bits_per_element: ClassVar[float] = 8.0
+    uses_tensor_scale: ClassVar[bool] = True
+
+    def create_buffers(
+        self, size: int, head_num: int, head_dim: int, layer_num: int, device: torch.device | str
+    ) -> Buffers:
+        def make() -> list[torch.Tensor]:
+            return [
+                torch.zeros(size, head_num, head_dim, dtype=torch.float8_e4m3fn, device=device)
+                for _ in range(layer_num)
+            ]
+
+        return {"k_buffer": make(), "v_buffer": make(), "k_scale_buffer": [], "v_scale_buffer": []}
+
+    def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
+        return head_dim * head_num * num_layers * kv_size
+
+    def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales:
+        return LayerScales(
+            k=torch.tensor(k_amax, dtype=torch.float32) / E4M3_MAX,
+            v=torch.tensor(v_amax, dtype=torch.float32) / E4M3_MAX,
+        )
+
+    def quantize_and_store(
+        self,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        k_scale_buffer: torch.Tensor | None,
+        v_scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
+    ) -> None:
+        if k_scale is None or v_scale is None:
+            raise ValueError("fp8 needs per-layer k_scale and v_scale")
+        k_buffer[loc] = reference.fp8_quantize_reference(cache_k, k_scale)
+        v_buffer[loc] = reference.fp8_quantize_reference(cache_v, v_scale)
+
+    def dequantize(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor | None = None,
+        global_scale: float | torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        if global_scale is None:
+            raise ValueError("fp8 needs the layer's per-tensor scale to dequantize")
+        data = data_buffer if loc is None else data_buffer[loc]
+        return reference.fp8_dequantize_reference(data, global_scale, dtype)
+
+
+class BF16KVMethod(KVCacheMethod):
+    """Unquantized storage in the model's 16-bit dtype: the baseline every format is compared to."""
+
+    name: ClassVar[str] = "bf16"
+    bits_per_element: ClassVar[float] = 16.0
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.dtype = dtype
+
+    def create_buffers(
+        self, size: int, head_num: int, head_dim: int, layer_num: int, device: torch.device | str
+    ) -> Buffers:
+        def make() -> list[torch.Tensor]:
+            return [torch.zeros(size, head_num, head_dim, dtype=self.dtype, device=device) for _ in range(layer_num)]
+
+        return {"k_buffer": make(), "v_buffer": make(), "k_scale_buffer": [], "v_scale_buffer": []}
+
+    def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
+        return 2 * head_dim * head_num * num_layers * kv_size
+
+    def quantize_and_store(
+        self,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        k_scale_buffer: torch.Tensor | None,
+        v_scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
+    ) -> None:
+        k_buffer[loc] = cache_k.to(k_buffer.dtype)
+        v_buffer[loc] = cache_v.to(v_buffer.dtype)
+
+    def dequantize(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor | None = None,
+        global_scale: float | torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        data = data_buffer if loc is None else data_buffer[loc]
+        return data.to(dtype)
