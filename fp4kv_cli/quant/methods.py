@@ -19,7 +19,7 @@ from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.quant import reference
 from fp4kv_cli.quant.backend import get_backend
 from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX, FP4_BLOCK_SIZE
-from fp4kv_cli.quant.scales import ScalesFile, per_layer_amax
+from fp4kv_cli.quant.scales import ScalesFile, load_scales_file, parse_scales, per_layer_amax
 
 ScaleSource = str | os.PathLike[str] | Mapping[str, Any] | ScalesFile
 Buffers = dict[str, list[torch.Tensor]]
@@ -56,7 +56,6 @@ class KVCacheMethod(ABC):
         format has no block scales).
         """
 
-    @abstractmethod
     def quantize_and_store(
         self,
         k_buffer: torch.Tensor,
@@ -68,9 +67,30 @@ class KVCacheMethod(ABC):
         cache_v: torch.Tensor,
         k_scale: float | torch.Tensor | None = None,
         v_scale: float | torch.Tensor | None = None,
+        k_offset: torch.Tensor | None = None,
     ) -> None:
         """Quantize ``cache_k``/``cache_v`` ``[N, heads, head_dim]`` into one layer's buffers at
-        slots ``loc [N]`` (int64). ``k_scale``/``v_scale`` are that layer's per-tensor scales."""
+        slots ``loc [N]`` (int64). ``k_scale``/``v_scale`` are that layer's per-tensor scales.
+
+        ``k_offset`` (``[heads, head_dim]``, K centering) is subtracted from K in fp32 before
+        quantization. Attention needs no correction on read: every score of a query shifts by
+        the same ``q . k_offset``, which softmax cancels.
+        """
+        if k_offset is not None:
+            cache_k = cache_k.to(torch.float32) - k_offset.to(device=cache_k.device, dtype=torch.float32)
+        self.store(k_buffer, k_scale_buffer, loc, cache_k, k_scale)
+        self.store(v_buffer, v_scale_buffer, loc, cache_v, v_scale)
+
+    @abstractmethod
+    def store(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
+    ) -> None:
+        """Quantize ``x [N, heads, head_dim]`` into ``data_buffer``/``scale_buffer`` at slots ``loc``."""
 
     @abstractmethod
     def dequantize(
@@ -100,6 +120,22 @@ class KVCacheMethod(ABC):
             return None
         k_amax, v_amax = per_layer_amax(source)
         return self.scales_from_amax(k_amax, v_amax)
+
+    @staticmethod
+    def load_k_offsets(source: ScaleSource) -> torch.Tensor | None:
+        """Per-layer K centering offsets ``[num_layers, heads, head_dim]`` float32 from a scales
+        file (None when it was calibrated without ``--center-k``)."""
+        parsed = source if isinstance(source, ScalesFile) else _as_scales_file(source)
+        offsets = [layer.k_offset for layer in parsed.layers]
+        if all(o is None for o in offsets):
+            return None
+        if any(o is None for o in offsets):
+            raise FP4KVError("scales file has k_offset for some layers only; re-run fp4kv calibrate --center-k")
+        return torch.tensor(offsets, dtype=torch.float32)
+
+
+def _as_scales_file(source: str | os.PathLike[str] | Mapping[str, Any]) -> ScalesFile:
+    return parse_scales(source) if isinstance(source, Mapping) else load_scales_file(source)
 
 
 class FP4KVCacheQuantMethod(KVCacheMethod):
@@ -137,24 +173,17 @@ class FP4KVCacheQuantMethod(KVCacheMethod):
         per_head = head_dim // 2 + head_dim // self.SCALE_BLOCK_SIZE
         return per_head * head_num * num_layers * kv_size
 
-    def quantize_and_store(
+    def store(
         self,
-        k_buffer: torch.Tensor,
-        v_buffer: torch.Tensor,
-        k_scale_buffer: torch.Tensor | None,
-        v_scale_buffer: torch.Tensor | None,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
         loc: torch.Tensor,
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
-        k_scale: float | torch.Tensor | None = None,
-        v_scale: float | torch.Tensor | None = None,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
     ) -> None:
-        backend = get_backend(cache_k.device)
-        for data, scales, x, s in (
-            (k_buffer, k_scale_buffer, cache_k, k_scale),
-            (v_buffer, v_scale_buffer, cache_v, v_scale),
-        ):
-            backend.quantize_and_store(self.name, data, scales, loc, x, self._global(s, x.device))
+        get_backend(x.device).quantize_and_store(
+            self.name, data_buffer, scale_buffer, loc, x, self._global(scale, x.device)
+        )
 
     def dequantize(
         self,
@@ -238,22 +267,17 @@ class FP8KVMethod(KVCacheMethod):
             v=torch.tensor(v_amax, dtype=torch.float32) / E4M3_MAX,
         )
 
-    def quantize_and_store(
+    def store(
         self,
-        k_buffer: torch.Tensor,
-        v_buffer: torch.Tensor,
-        k_scale_buffer: torch.Tensor | None,
-        v_scale_buffer: torch.Tensor | None,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
         loc: torch.Tensor,
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
-        k_scale: float | torch.Tensor | None = None,
-        v_scale: float | torch.Tensor | None = None,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
     ) -> None:
-        if k_scale is None or v_scale is None:
-            raise ValueError("fp8 needs per-layer k_scale and v_scale")
-        k_buffer[loc] = reference.fp8_quantize_reference(cache_k, k_scale)
-        v_buffer[loc] = reference.fp8_quantize_reference(cache_v, v_scale)
+        if scale is None:
+            raise ValueError("fp8 needs the layer's per-tensor scale (k_scale / v_scale)")
+        data_buffer[loc] = reference.fp8_quantize_reference(x, scale)
 
     def dequantize(
         self,
@@ -289,20 +313,15 @@ class BF16KVMethod(KVCacheMethod):
     def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
         return 2 * head_dim * head_num * num_layers * kv_size
 
-    def quantize_and_store(
+    def store(
         self,
-        k_buffer: torch.Tensor,
-        v_buffer: torch.Tensor,
-        k_scale_buffer: torch.Tensor | None,
-        v_scale_buffer: torch.Tensor | None,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
         loc: torch.Tensor,
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
-        k_scale: float | torch.Tensor | None = None,
-        v_scale: float | torch.Tensor | None = None,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
     ) -> None:
-        k_buffer[loc] = cache_k.to(k_buffer.dtype)
-        v_buffer[loc] = cache_v.to(v_buffer.dtype)
+        data_buffer[loc] = x.to(data_buffer.dtype)
 
     def dequantize(
         self,
