@@ -21,14 +21,14 @@ from fp4kv_cli.quant.registry import (
 from fp4kv_cli.quant.utils import BlockFP4KVQuantizeUtil, NVFP4KVQuantizeUtil
 
 __all__ = [
+    "FP4_KV_CACHE_QUANT_REGISTRY",
+    "KV_CACHE_METHOD_REGISTRY",
     "BF16KVMethod",
     "BlockFP4KVMethod",
     "BlockFP4KVQuantizeUtil",
     "FP4KVCacheQuantMethod",
-    "FP4_KV_CACHE_QUANT_REGISTRY",
     "FP8KVMethod",
     "KVCacheMethod",
-    "KV_CACHE_METHOD_REGISTRY",
     "LayerScales",
     "NVFP4KVMethod",
     "NVFP4KVQuantizeUtil",

@@ -20,7 +20,9 @@
     }
 
 A per-layer ``k_offset`` entry (``[num_kv_heads][head_dim]`` floats, the calibrated post-RoPE
-mean of K) may be present; when it is, ``k_amax`` is the amax of ``K - k_offset``.
+mean of K, from ``calibrate --center-k``) may be present; when it is, ``k_amax`` is the amax of
+``K - k_offset`` and ``k_amax_raw`` keeps the amax of K itself (what an engine that ignores the
+offset must be given).
 
 Conventions. A *dequant scale* multiplies stored values back to real ones:
 
@@ -35,7 +37,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal

@@ -1,0 +1,139 @@
+"""Per-layer values an export writes, and what each consumer will make of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fp4kv_cli.export.conventions import Consumer
+from fp4kv_cli.export.source import KVSource
+from fp4kv_cli.quant.scales import amax_to_scale
+
+#: Relative slack when comparing an implied amax with the calibrated one (fp32 round trip).
+MATCH_RTOL = 1e-5
+
+
+def fp32(value: float) -> float:
+    """``value`` rounded to float32, as it is stored in a checkpoint."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer exports.
+
+    ``k_amax`` / ``v_amax`` are the amax the scales must cover (for a centered K, the amax of
+    raw K, so engines that ignore the offset do not clip); ``k_amax_centered`` is the amax of
+    ``K - k_offset`` when the scales file has an offset. Scales are fp32-rounded.
+    """
+
+    index: int
+    k_amax: float
+    v_amax: float
+    k_scale: float
+    v_scale: float
+    k_scale_per_head: tuple[float, ...] | None
+    v_scale_per_head: tuple[float, ...] | None
+    k_amax_centered: float | None
+    k_offset: tuple[tuple[float, ...], ...] | None
+
+
+def plan_layers(source: KVSource, convention: str, per_head: bool) -> tuple[LayerPlan, ...]:
+    """Scales of every layer of ``source`` in ``convention``; per-head ones only if asked and known."""
+    plans = []
+    for layer, raw in zip(source.layers, source.k_amax_raw):
+        k_amax = raw if raw is not None else layer.k_amax
+        k_heads = layer.k_amax_per_head
+        if k_heads is not None and layer.k_offset is not None:
+            k_heads = tuple(a + max(abs(v) for v in row) for a, row in zip(k_heads, layer.k_offset))
+        plans.append(
+            LayerPlan(
+                index=layer.index,
+                k_amax=k_amax,
+                v_amax=layer.v_amax,
+                k_scale=fp32(amax_to_scale(k_amax, convention)),  # type: ignore[arg-type]
+                v_scale=fp32(amax_to_scale(layer.v_amax, convention)),  # type: ignore[arg-type]
+                k_scale_per_head=_heads(k_heads, convention) if per_head else None,
+                v_scale_per_head=_heads(layer.v_amax_per_head, convention) if per_head else None,
+                k_amax_centered=layer.k_amax if raw is not None else None,
+                k_offset=layer.k_offset,
+            )
+        )
+    return tuple(plans)
+
+
+def _heads(amax: tuple[float, ...] | None, convention: str) -> tuple[float, ...] | None:
+    return None if amax is None else tuple(fp32(amax_to_scale(a, convention)) for a in amax)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ConsumerView:
+    """One consumer reading one exported checkpoint: does it read the scales, and how."""
+
+    consumer: Consumer
+    reads: bool
+    note: str
+    shared_kv: bool = False
+
+    def used(self, plan: LayerPlan) -> tuple[float, float]:
+        """(K, V) values the engine hands to its kernel; 1.0 (the engines' fallback) if unread."""
+        if not self.reads:
+            return self.consumer.used(1.0), self.consumer.used(1.0)
+        if self.shared_kv:
+            both = max(plan.k_scale, plan.v_scale)
+            return self.consumer.used(both), self.consumer.used(both)
+        return self.consumer.used(plan.k_scale), self.consumer.used(plan.v_scale)
+
+    def implied(self, plan: LayerPlan) -> tuple[float, float]:
+        """(K, V) amax the kernel assumes."""
+        k, v = self.used(plan)
+        return k * self.consumer.kernel_divisor, v * self.consumer.kernel_divisor
+
+
+def verdict(implied: float, needed: float) -> str:
+    """``"ok"``, ``"OVERFLOW xR"`` (implied amax too small: values saturate) or ``"wastes xR"``."""
+    ratio = implied / needed
+    if abs(ratio - 1.0) <= MATCH_RTOL:
+        return "ok"
+    if ratio < 1.0:
+        return f"OVERFLOW x{1 / ratio:.3g}"
+    return f"wastes x{ratio:.3g}"
+
+
+def consumer_view(consumer: Consumer, fmt: str, qkv_quantized: bool) -> ConsumerView:
+    """Whether ``consumer`` reads scales exported in ``fmt`` (see docs/export.md for sources).
+
+    A JSON sidecar is read by SGLang only for FP8 (``--quantization-param-path``); for the other
+    consumers it is evaluated as if its values were handed to the engine.
+    """
+    engine = consumer.engine
+    if fmt == "modelopt":
+        if engine == "trtllm" and not qkv_quantized:
+            return ConsumerView(
+                consumer,
+                False,
+                "TRT-LLM reads k_scale/v_scale in FP8QDQLinearMethod of the fused QKV only; "
+                "with BF16 QKV weights kv_scales stay 1.0",
+            )
+        return ConsumerView(consumer, True, "reads k_proj.k_scale / v_proj.v_scale via the ModelOpt config")
+    if fmt == "compressed-tensors":
+        if engine == "vllm":
+            return ConsumerView(
+                consumer, True, "CompressedTensorsKVCacheMethod loads self_attn.k_scale/v_scale"
+            )
+        return ConsumerView(
+            consumer,
+            False,
+            f"{engine}'s compressed-tensors path attaches no KV scale loader; scales stay 1.0",
+        )
+    if engine == "sglang" and consumer.kv_dtype == "fp8":
+        return ConsumerView(
+            consumer,
+            True,
+            "via --quantization-param-path: one scaling factor per layer = max(k, v)",
+            shared_kv=True,
+        )
+    return ConsumerView(
+        consumer, True, "the engine does not read this file: values shown as if given to it as k/v scales"
+    )
