@@ -1,0 +1,24 @@
+"""``fp4kv convert``: dequantize a ``.gguf`` model into a reusable Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fp4kv_cli.cli.app import app, console, guarded
+from fp4kv_cli.models import DTYPES, convert_gguf_to_folder, parse_dtype
+
+
+@app.command("convert")
+@guarded
+def convert(
+    gguf: Annotated[Path, typer.Argument(help="The .gguf model file to convert.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (model + tokenizer).")],
+    dtype: Annotated[str, typer.Option(help=f"Weight dtype of the folder: {', '.join(DTYPES)}.")] = "bf16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Dequantize a GGUF model once; later commands then load the folder in seconds."""
+    written = convert_gguf_to_folder(gguf, out, dtype=parse_dtype(dtype), overwrite=overwrite)
+    console.print(f"wrote {written}")

@@ -1,0 +1,170 @@
+"""Loading decoder LLMs for calibration and evaluation: a local HF folder, a ``.gguf`` file
+(dequantized by transformers), or a hub id; plus GGUF -> reusable HF folder conversion."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fp4kv_cli.atomic import atomic_path
+from fp4kv_cli.errors import FP4KVError
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; ``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
+        raise FP4KVError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FP4KVError(f"device {name} asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """Model dtype for ``"bf16"`` / ``"fp16"`` / ``"fp32"``; ``"auto"`` is bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        on_cuda = (device.type if device is not None else resolve_device("auto").type) == "cuda"
+        return torch.bfloat16 if on_cuda else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise FP4KVError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """Name of the KV cache argument of ``model.forward``: ``"cache"`` (transformers >= 5.2x)
+    or ``"past_key_values"`` (earlier)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def load_model_and_tokenizer(
+    model: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+) -> tuple[Any, Any]:
+    """Load a decoder LLM and its tokenizer, ready for batched left-padded forwards.
+
+    Parameters
+    ----------
+    model
+        A local Hugging Face folder, a ``.gguf`` file (its weights are dequantized to ``dtype``),
+        or a hub id (needs the hub).
+    device
+        ``"auto"`` / ``"cpu"`` / ``"cuda"`` or a ``torch.device``.
+    dtype
+        ``"auto"`` / ``"bf16"`` / ``"fp16"`` / ``"fp32"`` or a ``torch.dtype``.
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode on ``device``; the tokenizer with a pad token (eos if it had
+        none) and ``padding_side="left"``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
+    location, kwargs = _locate(model)
+    config = _load_config(model, location, kwargs)
+    _check_decoder(model, config)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # callers show their own progress; tqdm bars would interleave
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; check the files") from None
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    loaded.to(device).eval()
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise FP4KVError(
+                f"tokenizer of {model} has neither a pad nor an eos token; add one to the tokenizer"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return loaded, tokenizer
+
+
+def convert_gguf_to_folder(
+    gguf_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
+) -> Path:
+    """Dequantize a ``.gguf`` model into a reusable Hugging Face folder (model + tokenizer), atomically.
+
+    Loading the folder afterwards takes seconds instead of re-dequantizing the GGUF.
+    """
+    gguf_path, out_dir = Path(gguf_path).expanduser(), Path(out_dir).expanduser()
+    if gguf_path.suffix != ".gguf":
+        raise FP4KVError(f"{gguf_path} is not a .gguf file; pass a GGUF model file")
+    if out_dir.exists() and not overwrite:
+        raise FP4KVError(f"{out_dir} already exists; pass --overwrite or another --out")
+    model, tokenizer = load_model_and_tokenizer(str(gguf_path), device="cpu", dtype=dtype)
+    model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model with the marker set
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _locate(model: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` location and extra kwargs (``gguf_file``) for ``model``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FP4KVError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
+        return str(path), {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FP4KVError(f"GGUF file {path} does not exist; check the path or run scripts/fetch_model.py")
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise FP4KVError("loading a .gguf file needs the gguf package; pip install gguf")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise FP4KVError(f"{model} is not a model folder or .gguf file; pass one, or a hub id")
+    return model, {}
+
+
+def _load_config(model: str, location: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        where = "local files" if Path(location).exists() else "the hub (offline?)"
+        raise FP4KVError(
+            f"cannot load config of {model} from {where}: {_first_line(err)}; pass a local model folder or .gguf file"
+        ) from None
+
+
+def _check_decoder(model: str, config: Any) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FP4KVError(
+            f"{model} is a {model_type} model, not a decoder LLM with a KV cache; pass a causal LM "
+            "(Llama, Qwen2, Qwen3, Mistral, ...)"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
