@@ -110,7 +110,8 @@ def ue8m0_encode(block_max: torch.Tensor) -> torch.Tensor:
     ``bmax`` is the float32 block absolute maximum; an all-zero block gets byte 0. ``inf``
     saturates to byte 254. Returns uint8 of the same shape.
     """
-    ratio = block_max / E2M1_MAX
+    # Tensor / tensor: CUDA turns division by a Python scalar into a multiply by its reciprocal.
+    ratio = block_max / torch.full_like(block_max, E2M1_MAX)
     exponent = ue8m0_exponent(ratio).clamp(-UE8M0_BIAS, UE8M0_BIAS)
     exponent = torch.where(torch.isinf(ratio), UE8M0_BIAS, exponent)
     byte = (exponent + UE8M0_BIAS).to(torch.uint8)

@@ -1,0 +1,134 @@
+"""``fp4kv bench kernels``: FP4 KV quantize/dequantize throughput of each backend on this GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fp4kv_cli.bench.kernels import (
+    FORMATS,
+    OPS,
+    KernelTiming,
+    copy_bandwidth,
+    machine_info,
+    make_setup,
+    run_kernel_bench,
+    write_report,
+)
+from fp4kv_cli.cli.app import bench_app, console, guarded
+
+
+@bench_app.command("kernels")
+@guarded
+def kernels(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for bench_kernels.json and bench_kernels.png.")
+    ] = Path("docs"),
+    min_elements: Annotated[
+        int,
+        typer.Option(
+            "--min-elements", help="Smallest tensor, in elements (sizes grow 4x up to the largest)."
+        ),
+    ] = 4096,
+    max_elements: Annotated[int, typer.Option("--max-elements", help="Largest tensor, in elements.")] = 2**27,
+    heads: Annotated[
+        int,
+        typer.Option("--heads", min=1, help="KV heads per token (tensors are tokens x heads x head_dim)."),
+    ] = 8,
+    head_dim: Annotated[
+        int, typer.Option("--head-dim", min=16, help="Head dimension (a multiple of 16).")
+    ] = 128,
+) -> None:
+    """Time NVFP4 / BlockFP4 quantize, dequantize, fused store and gather for every backend (CUDA only)."""
+    setup = make_setup(min_elements, max_elements, heads, head_dim)
+    machine = machine_info(setup.device)
+    console.print(
+        f"[bold]{machine['gpu']}[/] (SM {machine['compute_capability']}, {machine['gpu_memory_gib']} GiB) on "
+        f"{machine['host']}: torch {machine['torch']} (CUDA {machine['cuda']}), triton {machine['triton']}, "
+        f"flashinfer {machine['flashinfer'] or 'not installed'}; backends {', '.join(setup.backends)}"
+    )
+    copy_gbps = copy_bandwidth(setup.device)
+    console.print(f"device copy bandwidth: {copy_gbps:,.0f} GB/s (read + write)")
+    timings: list[KernelTiming] = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("benchmarking", total=len(setup.cases()))
+        for timing in run_kernel_bench(setup, copy_gbps):
+            timings.append(timing)
+            progress.update(task, advance=1, description=f"{timing.fmt} {timing.op} {timing.elements:,}")
+    console.print(_table(timings, list(setup.backends)))
+    json_path, png_path = write_report(out, machine, setup, copy_gbps, timings)
+    exact = all(t.bit_exact is not False for t in timings)
+    verdict = "[green]yes, every backend and op[/]" if exact else "[red]NO[/]"
+    console.print(f"bit-identical to the PyTorch reference: {verdict}")
+    for line in _headline(timings):
+        console.print(line)
+    console.print(f"wrote {json_path} and {png_path}")
+
+
+def _table(timings: list[KernelTiming], backends: list[str]) -> Table:
+    """One row per (format, op, size): Triton's ms, GB/s and % of copy, the others' GB/s, bit-exactness."""
+    others = [name for name in backends if name != "triton"]
+    table = Table(title="effective bandwidth (bytes read + written), median of do_bench")
+    for column in (
+        "format",
+        "op",
+        "size",
+        "triton ms",
+        "triton GB/s",
+        "% copy",
+        *(f"{n} GB/s" for n in others),
+    ):
+        table.add_column(column, justify="left" if column in ("format", "op") else "right")
+    table.add_column("bit-exact")
+    keys = dict.fromkeys((t.fmt, t.op, t.elements) for t in timings)
+    for fmt, op, elements in sorted(keys, key=lambda k: (FORMATS.index(k[0]), OPS.index(k[1]), k[2])):
+        row = {t.backend: t for t in timings if (t.fmt, t.op, t.elements) == (fmt, op, elements)}
+        triton = row.get("triton")
+        cells = [fmt, op, _size(elements)]
+        cells += (
+            [f"{triton.ms:.4f}", f"{triton.gbps:,.0f}", f"{triton.pct_of_copy:.0f}%"] if triton else ["-"] * 3
+        )
+        cells += [f"{row[n].gbps:,.0f}" if n in row else "-" for n in others]
+        wrong = [name for name, t in row.items() if t.bit_exact is False]
+        cells.append("yes" if not wrong else "NO: " + ", ".join(wrong))
+        table.add_row(*cells)
+    return table
+
+
+def _size(elements: int) -> str:
+    """``4K``, ``64M``: element counts in binary units when they divide evenly."""
+    for shift, unit in ((20, "M"), (10, "K")):
+        if elements % (1 << shift) == 0:
+            return f"{elements >> shift}{unit}"
+    return f"{elements:,}"
+
+
+def _headline(timings: list[KernelTiming]) -> list[str]:
+    """Triton at the largest size: GB/s, % of copy, and the speed-up over FlashInfer where it ran."""
+    largest = max(t.elements for t in timings)
+    lines = []
+    for fmt in FORMATS:
+        for op in OPS:
+            row = {t.backend: t for t in timings if (t.fmt, t.op, t.elements) == (fmt, op, largest)}
+            if "triton" not in row:
+                continue
+            triton = row["triton"]
+            text = f"{fmt} {op} @ {_size(largest)}: triton {triton.gbps:,.0f} GB/s "
+            text += f"({triton.pct_of_copy:.0f}% of copy)"
+            if "flashinfer" in row:
+                speedup = triton.gbps / row["flashinfer"].gbps
+                text += f", {row['flashinfer'].gbps:,.0f} GB/s flashinfer ({speedup:.1f}x)"
+            if "torch" in row:
+                text += f", {triton.gbps / row['torch'].gbps:.0f}x the torch reference"
+            lines.append(text)
+    return lines

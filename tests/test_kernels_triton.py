@@ -1,0 +1,286 @@
+"""Triton kernels vs the PyTorch reference, byte for byte, on CPU under ``TRITON_INTERPRET=1``.
+
+The kernel module is loaded a second time, privately, with ``TRITON_INTERPRET=1`` set while this
+module's tests run (Triton reads it when decorating and again when launching), so the interpreted
+copy takes CPU tensors while the package's own kernels, imported first, stay compiled: nothing
+else in the session (GPU tests included) is switched to the interpreter. The case generators
+here are reused by ``tests/test_kernels_gpu.py`` at larger sizes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fp4kv_cli
+from fp4kv_cli.quant import backend as backend_module
+from fp4kv_cli.quant.backend import BackendUnavailableError, TorchBackend
+from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX
+from fp4kv_cli.quant.kernels import FlashInferBackend, TritonBackend
+
+KERNEL_FILE = Path(fp4kv_cli.__file__).parent / "quant" / "kernels" / "triton_fp4.py"
+FORMATS = ("nvfp4", "blockfp4")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: Exact E2M1 rounding ties (in units of the block scale).
+TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+# The interpreter runs the kernels in numpy, which warns where IEEE arithmetic overflows on purpose.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:overflow encountered:RuntimeWarning",
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:divide by zero encountered:RuntimeWarning",
+)
+
+
+def load_interpreted_kernels() -> ModuleType:
+    """``triton_fp4`` decorated as a private module; call with ``TRITON_INTERPRET=1`` set."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    spec = importlib.util.spec_from_file_location("_fp4kv_triton_interpreted", KERNEL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def amax_scale(x: torch.Tensor) -> torch.Tensor:
+    """The calibrated NVFP4 global scale ``amax / (6 * 448)`` of ``x`` (finite part), 0-dim fp32."""
+    finite = x.float()[torch.isfinite(x.float())]
+    amax = finite.abs().max().item() if finite.numel() else 1.0
+    return torch.tensor(max(amax, 1e-30) / (E2M1_MAX * E4M3_MAX), dtype=torch.float32)
+
+
+def tie_blocks(rows: int, blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 ``[rows, blocks * 16]`` whose blocks hold exact E2M1 ties in both formats with ``g = 1``.
+
+    Each block has max ``6 * 2^k`` (k from -9, an E4M3 subnormal scale, to 8), so its NVFP4 scale
+    is exactly ``2^k``, as is its UE8M0 scale; the other elements are ``+-tie * 2^k`` or ``+-0``.
+    """
+    k = torch.randint(-9, 9, (rows, blocks, 1), generator=gen).float()
+    scale = torch.pow(2.0, k)
+    choices = torch.tensor((0.0, *TIES, 6.0))
+    pick = choices[torch.randint(0, len(choices), (rows, blocks, 16), generator=gen)]
+    sign = torch.where(torch.rand(rows, blocks, 16, generator=gen) < 0.5, -1.0, 1.0)
+    values = sign * pick * scale
+    values[..., 0] = 6.0 * scale[..., 0]
+    return values.reshape(rows, blocks * 16)
+
+
+def special_rows() -> torch.Tensor:
+    """fp32 ``[12, 32]``: zero and -0 blocks, subnormal/tiny/huge magnitudes, +-inf, mixed blocks."""
+    tiny, huge = 1e-40, 3.0e38
+    rows = [
+        [0.0] * 32,
+        [-0.0] * 16 + [0.0, -0.0] * 8,
+        [1e-45, -1e-45, 2.8e-45, 4.2e-45] * 8,
+        [tiny * (i + 1) * (-1) ** i for i in range(32)],
+        [1.2e-38 * (i % 7) for i in range(32)],
+        [huge * ((i % 5) - 2) / 2 for i in range(32)],
+        [3.4028235e38, -3.4028235e38] * 16,
+        [float("inf")] + [1.0] * 15 + [-float("inf")] + [-2.5] * 15,
+        [1e30, 1e-30, -1e20, 7.0] * 8,
+        [6.0 * 448 * (i + 1) for i in range(32)],
+        [(i - 16) * 0.0625 for i in range(32)],
+        [5e-3 * ((i % 3) - 1) for i in range(32)],
+    ]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def random_bits(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 ``[rows, cols]`` from uniform random bit patterns, NaN replaced by +-inf."""
+    bits = torch.randint(-(2**31), 2**31 - 1, (rows, cols), generator=gen, dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)
+    return torch.where(torch.isnan(x), torch.copysign(torch.tensor(float("inf")), x), x)
+
+
+def global_scales(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Global scales to try on ``x``: calibrated, 64x too small (saturating scales), 1 and 2^-10."""
+    g = amax_scale(x)
+    yield g
+    yield g / 64
+    yield torch.tensor(1.0)
+    yield torch.tensor(2.0**-10)
+
+
+# --- comparison ---------------------------------------------------------------------------------
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal shapes, dtypes and bit patterns, NaN positions equal (NaN payloads may differ)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    nan_got, nan_want = torch.isnan(got.float()), torch.isnan(want.float())
+    assert torch.equal(nan_got, nan_want)
+    bits = _BITS[got.element_size()]
+    mismatch = (got.view(bits) != want.view(bits)) & ~nan_got
+    assert not mismatch.any(), (
+        f"{int(mismatch.sum())} elements differ, first at {mismatch.nonzero()[0].tolist()}"
+    )
+
+
+def check_quantize(backend: TorchBackend, fmt: str, x: torch.Tensor, g: torch.Tensor | None) -> None:
+    """Kernel quantize == reference quantize, and kernel dequantize of those bytes == reference, per dtype."""
+    reference = TorchBackend()
+    want_packed, want_scales = reference.quantize(fmt, x, g)
+    got_packed, got_scales = backend.quantize(fmt, x, g)
+    assert torch.equal(got_scales, want_scales), f"{fmt} scale bytes differ"
+    assert torch.equal(got_packed, want_packed), f"{fmt} packed bytes differ"
+    for dtype in DTYPES:
+        assert_same_bits(
+            backend.dequantize(fmt, want_packed, want_scales, g, dtype),
+            reference.dequantize(fmt, want_packed, want_scales, g, dtype),
+        )
+
+
+def fmt_scale(fmt: str, g: torch.Tensor) -> torch.Tensor | None:
+    return g if fmt == "nvfp4" else None
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernels() -> Iterator[ModuleType]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield load_interpreted_kernels()
+
+
+@pytest.fixture(scope="module")
+def triton_backend(kernels: ModuleType) -> TorchBackend:
+    assert kernels.INTERPRETED
+    return kernels.TritonBackend()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_random_normal_matches_reference(triton_backend: TorchBackend, fmt: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    # 70 rows of 4 blocks: two programs, the second one part-masked.
+    x = (torch.randn(70, 64, generator=gen) * 3).to(dtype)
+    check_quantize(triton_backend, fmt, x, fmt_scale(fmt, amax_scale(x)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exact_ties_round_to_even_code(triton_backend: TorchBackend, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = tie_blocks(8, 4, gen).to(dtype)
+    for fmt in FORMATS:
+        check_quantize(triton_backend, fmt, x, fmt_scale(fmt, torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_match_reference(triton_backend: TorchBackend, dtype: torch.dtype) -> None:
+    x = special_rows().to(dtype)
+    check_quantize(triton_backend, "blockfp4", x, None)
+    for g in global_scales(x):
+        check_quantize(triton_backend, "nvfp4", x, g)
+
+
+def test_subnormal_and_zero_e4m3_scales(triton_backend: TorchBackend) -> None:
+    """Block maxima from 2^-13 to 2^-4 with g = 1: E4M3 scales subnormal or 0 (then r = 0)."""
+    gen = torch.Generator().manual_seed(3)
+    magnitude = torch.pow(2.0, torch.empty(16, 4, 1).uniform_(-13, -4, generator=gen))
+    x = (torch.randn(16, 4, 16, generator=gen) * magnitude).reshape(16, 64)
+    check_quantize(triton_backend, "nvfp4", x, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (5, 48), (2, 16 * 65)])
+def test_odd_shapes(triton_backend: TorchBackend, shape: tuple[int, int]) -> None:
+    """One block; 3 blocks a row (masked tile); 65 blocks a row (two column programs)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    for fmt in FORMATS:
+        check_quantize(triton_backend, fmt, x, fmt_scale(fmt, amax_scale(x)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    fmt=st.sampled_from(FORMATS),
+    dtype=st.sampled_from(DTYPES),
+    log2_g=st.floats(-40, 20),
+)
+def test_fuzz_random_bit_patterns(
+    kernels: ModuleType, seed: int, fmt: str, dtype: torch.dtype, log2_g: float
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = random_bits(5, 48, gen).to(dtype)
+    check_quantize(kernels.TritonBackend(), fmt, x, fmt_scale(fmt, torch.tensor(2.0**log2_g)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_arbitrary_bytes(triton_backend: TorchBackend, fmt: str) -> None:
+    """Every packed and scale byte value, NaN/inf/negative E4M3 scales and UE8M0 255 included."""
+    packed = ((torch.arange(256 * 16) * 7) % 256).to(torch.uint8).reshape(256, 16)
+    scales = (torch.arange(256 * 2) % 256).to(torch.uint8).reshape(256, 2)
+    g = torch.tensor(0.37) if fmt == "nvfp4" else None
+    reference = TorchBackend()
+    for dtype in DTYPES:
+        assert_same_bits(
+            triton_backend.dequantize(fmt, packed, scales, g, dtype),
+            reference.dequantize(fmt, packed, scales, g, dtype),
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_store_and_gather_scattered_slots(
+    triton_backend: TorchBackend, fmt: str, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(5)
+    tokens, heads, dim, slots = 6, 3, 48, 16
+    # A column slice of a wider tensor: token and head strides are not the packed ones.
+    x = (torch.randn(tokens, heads, dim + 16, generator=gen) * 2).to(dtype)[:, :, 8 : 8 + dim]
+    loc = torch.randperm(slots, generator=gen)[:tokens]
+    g = fmt_scale(fmt, amax_scale(x))
+    start_data = torch.randint(0, 256, (slots, heads, dim // 2), generator=gen, dtype=torch.uint8)
+    start_scales = torch.randint(0, 256, (slots, heads, dim // 16), generator=gen, dtype=torch.uint8)
+    buffers = {}
+    for name, backend in (("kernel", triton_backend), ("reference", TorchBackend())):
+        data, scales = start_data.clone(), start_scales.clone()
+        backend.quantize_and_store(fmt, data, scales, loc, x, g)
+        buffers[name] = (data, scales)
+    assert torch.equal(buffers["kernel"][0], buffers["reference"][0])
+    assert torch.equal(buffers["kernel"][1], buffers["reference"][1])
+
+    data, scales = buffers["reference"]
+    gather = torch.tensor([loc[3], 0, loc[3], 15, loc[0]])
+    for where in (gather, None):
+        assert_same_bits(
+            triton_backend.dequantize_gather(fmt, data, scales, where, g, dtype),
+            TorchBackend().dequantize_gather(fmt, data, scales, where, g, dtype),
+        )
+
+
+def test_nvfp4_needs_global_scale(triton_backend: TorchBackend) -> None:
+    with pytest.raises(ValueError, match="global scale"):
+        triton_backend.quantize("nvfp4", torch.ones(1, 16), None)
+
+
+def test_registration_and_device_support() -> None:
+    assert backend_module.BACKENDS["triton"] is TritonBackend
+    assert backend_module.BACKENDS["flashinfer"] is FlashInferBackend
+    assert not TritonBackend().supports(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        assert backend_module.get_backend("cpu").name == "torch"
+
+
+def test_forced_triton_on_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FP4KV_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match="FP4KV_BACKEND=triton cannot run on cpu"):
+        backend_module.get_backend("cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is not None, reason="flashinfer is installed")
+def test_flashinfer_missing_is_a_clear_error() -> None:
+    with pytest.raises(BackendUnavailableError, match="pip install flashinfer-python"):
+        FlashInferBackend()
