@@ -1,0 +1,456 @@
+"""transformers ``Cache`` layers whose K/V really live in a quant method's buffers.
+
+One :class:`QuantKVLayer` per attention layer owns that layer's buffers (created by the
+method, laid out ``[batch * capacity, heads, ...]``, slot ``b * capacity + t``). Every token,
+prompt and generated, is written through ``method.quantize_and_store``; attention gets the
+values back through ``method.dequantize`` of the filled slots, as a kernel reading the FP4
+buffers would. The method owns the math, the layer owns the buffers, the backend only runs ops.
+
+Read semantics follow serving engines: a multi-token forward (prefill, or a chunk of a
+teacher-forced text) attends to the stored prefix read back from the buffers plus its own
+fresh K/V, as a prefill kernel does; a single-token decode step reads everything, its own
+token included, from the buffers.
+
+Per-layer scales (the NVFP4 global scale ``g``, the FP8 per-tensor scale) come from a
+calibrated scales file, or dynamically from the amax of the prefill's real tokens (the
+attention mask given to :meth:`QuantKVCache.set_token_mask` keeps padding out). An optional
+per-layer ``k_offset`` ``[heads, head_dim]`` is subtracted from K before it is stored (K
+centering); reads need no correction since softmax cancels the shift ``q . k_offset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.quant.methods import KVCacheMethod, LayerScales
+
+#: Capacity grows (and is rounded up) in chunks of this many tokens per batch row.
+CAPACITY_CHUNK = 256
+#: Layer types whose K/V this cache can hold; sliding-window layers are stored in full.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+@dataclass
+class _SharedState:
+    """State every layer of one cache shares: the prefill token mask and slot indices.
+
+    The slot tensors are memoised by shape so that a decode step computes them once (in the
+    first layer) instead of once per layer.
+    """
+
+    token_mask: torch.Tensor | None = None
+    _write: tuple[tuple[Any, ...], torch.Tensor] | None = None
+    _read: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    def write_loc(
+        self, batch: int, capacity: int, start: int, length: int, device: torch.device
+    ) -> torch.Tensor:
+        """Slots ``[batch * length]`` int64 of positions ``start .. start+length-1`` of every row, row-major."""
+        key = (batch, capacity, start, length, device)
+        if self._write is None or self._write[0] != key:
+            rows = torch.arange(batch, device=device).unsqueeze(1) * capacity
+            self._write = (key, (rows + torch.arange(start, start + length, device=device)).reshape(-1))
+        return self._write[1]
+
+    def read_loc(self, batch: int, capacity: int, length: int, device: torch.device) -> torch.Tensor:
+        """Slots ``[batch * length]`` int64 of positions ``0 .. length-1`` of every row, row-major."""
+        key = (batch, capacity, length, device)
+        if self._read is None or self._read[0] != key:
+            rows = torch.arange(batch, device=device).unsqueeze(1) * capacity
+            self._read = (key, (rows + torch.arange(length, device=device)).reshape(-1))
+        return self._read[1]
+
+
+@dataclass
+class _ErrorStats:
+    """Running sums for the relative reconstruction error of stored K and V (device tensors)."""
+
+    k_err: torch.Tensor
+    k_ref: torch.Tensor
+    v_err: torch.Tensor
+    v_ref: torch.Tensor
+
+
+@dataclass
+class _Buffers:
+    """One layer's storage: K/V data ``[batch * capacity, heads, ...]`` and block scales (or None)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> _Buffers:
+        return _Buffers(
+            fn(self.k),
+            fn(self.v),
+            None if self.k_scale is None else fn(self.k_scale),
+            None if self.v_scale is None else fn(self.v_scale),
+        )
+
+
+class QuantKVLayer(CacheLayerMixin):
+    """One attention layer's K/V stored through a :class:`KVCacheMethod`.
+
+    Parameters
+    ----------
+    method:
+        The storage format (``bf16``, ``fp8``, ``nvfp4``, ``blockfp4`` ...).
+    shared:
+        State shared with the other layers of the cache (token mask, slot indices).
+    k_scale, v_scale:
+        This layer's per-tensor scales (0-dim float32) for methods that use one; None means
+        dynamic (amax of the prefill's real tokens).
+    k_offset:
+        ``[heads, head_dim]`` float32 subtracted from K before storing, or None.
+    capacity_hint:
+        Tokens per batch row to allocate up front (prompt + new tokens); grows by
+        :data:`CAPACITY_CHUNK` when exceeded.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        method: KVCacheMethod,
+        shared: _SharedState,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+        k_offset: torch.Tensor | None = None,
+        capacity_hint: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.shared = shared
+        self.static_scales = k_scale is not None and v_scale is not None
+        self.k_scale = k_scale
+        self.v_scale = v_scale
+        self.k_offset = k_offset
+        self.capacity_hint = capacity_hint
+        self.buffers: _Buffers | None = None
+        self.batch = 0
+        self.capacity = 0
+        self.length = 0
+        self.track_error = False
+        self.error_stats: _ErrorStats | None = None
+
+    # ----------------------------------------------------------------- transformers API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate buffers for ``key_states [batch, heads, T, head_dim]``."""
+        self.batch, self.heads, _, self.head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.capacity = _round_up(max(self.capacity_hint or 0, key_states.shape[-2], 1), CAPACITY_CHUNK)
+        self.buffers = self._allocate(self.capacity)
+        if self.k_offset is not None:
+            self.k_offset = self.k_offset.to(device=self.device, dtype=torch.float32)
+        if self.static_scales:
+            self.k_scale = self.k_scale.to(self.device)
+            self.v_scale = self.v_scale.to(self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key_states``/``value_states`` ``[batch, heads, T, head_dim]`` and return the
+        layer's K and V ``[batch, heads, length, head_dim]`` for attention."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = key_states if self.k_offset is None else key_states.float() - self.k_offset[:, None, :]
+        start, new = self.length, key_states.shape[-2]
+        if start == 0 and self.method.uses_tensor_scale and not self.static_scales:
+            self._set_dynamic_scales(keys, value_states)
+        self._ensure_capacity(start + new)
+        write = self.shared.write_loc(self.batch, self.capacity, start, new, self.device)
+        flat_k, flat_v = _to_rows(keys), _to_rows(value_states)
+        self.method.quantize_and_store(
+            self.buffers.k, self.buffers.v, self.buffers.k_scale, self.buffers.v_scale,
+            write, flat_k, flat_v, self.k_scale, self.v_scale,
+        )  # fmt: skip
+        if self.track_error:
+            self._track_error(write, flat_k, flat_v, key_states)
+        self.length = start + new
+        if new == 1:
+            return self._read(self.length)
+        fresh_k = keys.to(self.dtype)
+        if start == 0:
+            return fresh_k, value_states
+        past_k, past_v = self._read(start)
+        return torch.cat([past_k, fresh_k], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the mask for ``query_length`` new tokens."""
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens stored per batch row (left padding included)."""
+        return self.length
+
+    def get_max_length(self) -> int:
+        """-1: the layer grows without a fixed maximum."""
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        """Alias of :meth:`get_max_length` that transformers < 5.16 callers use."""
+        return self.get_max_length()
+
+    def reset(self) -> None:
+        """Drop the stored tokens (and dynamic scales); buffers are reallocated on the next update."""
+        self.buffers = None
+        self.length = self.capacity = self.batch = 0
+        self.is_initialized = False
+        if not self.static_scales:
+            self.k_scale = self.v_scale = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (their slots are overwritten later)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder batch rows for beam search."""
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only batch rows ``indices``."""
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times."""
+        if self.is_initialized:
+            self._select_rows(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
+
+    # ----------------------------------------------------------------- accounting
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one batch row occupies in this layer (K, V and their scales)."""
+        if self.buffers is None:
+            return 0
+        slots = self.batch * self.capacity
+        return sum(t.numel() * t.element_size() for t in self.buffers.tensors()) // slots
+
+    def capacity_bytes(self) -> int:
+        """Bytes of the buffers this layer holds."""
+        if self.buffers is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.buffers.tensors())
+
+    # ----------------------------------------------------------------- internals
+    def _allocate(self, capacity: int) -> _Buffers:
+        made = self.method.create_buffers(self.batch * capacity, self.heads, self.head_dim, 1, self.device)
+        scales = made["k_scale_buffer"], made["v_scale_buffer"]
+        return _Buffers(
+            made["k_buffer"][0],
+            made["v_buffer"][0],
+            scales[0][0] if scales[0] else None,
+            scales[1][0] if scales[1] else None,
+        )
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        old, old_capacity = self.buffers, self.capacity
+        self.capacity = _round_up(needed, CAPACITY_CHUNK)
+        self.buffers = self._allocate(self.capacity)
+        for dst, src in zip(self.buffers.tensors(), old.tensors()):
+            dst.view(self.batch, self.capacity, *dst.shape[1:])[:, :old_capacity] = src.view(
+                self.batch, old_capacity, *src.shape[1:]
+            )
+
+    def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.shared.read_loc(self.batch, self.capacity, length, self.device)
+        b = self.buffers
+        k = self.method.dequantize(b.k, b.k_scale, loc, self.k_scale, self.dtype)
+        v = self.method.dequantize(b.v, b.v_scale, loc, self.v_scale, self.dtype)
+        return _from_rows(k, self.batch), _from_rows(v, self.batch)
+
+    def _set_dynamic_scales(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Per-tensor scales from the amax of the real (unmasked) prefill tokens; no host sync."""
+        mask = self.shared.token_mask
+        unit = self.method.scales_from_amax([1.0], [1.0])  # scale per unit amax (host floats)
+        k_unit, v_unit = float(unit.k[0]), float(unit.v[0])
+        tiny = torch.finfo(torch.float32).tiny
+        amax = []
+        for x in (keys, values):
+            magnitude = x.detach().abs().float()
+            if mask is not None:
+                if mask.shape != (x.shape[0], x.shape[-2]):
+                    raise ValueError(
+                        f"token mask {tuple(mask.shape)} does not match the prefill [batch, tokens] "
+                        f"{(x.shape[0], x.shape[-2])}"
+                    )
+                real = mask.to(device=x.device, dtype=torch.bool)[:, None, :, None]
+                magnitude = torch.where(real, magnitude, torch.zeros((), device=x.device))
+            amax.append(magnitude.amax().clamp(min=tiny))
+        self.k_scale = (amax[0] * k_unit).clamp(min=tiny)
+        self.v_scale = (amax[1] * v_unit).clamp(min=tiny)
+
+    def _track_error(
+        self, write: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, original_k: torch.Tensor
+    ) -> None:
+        if self.error_stats is None:
+            zero = torch.zeros((), dtype=torch.float32, device=self.device)
+            self.error_stats = _ErrorStats(zero.clone(), zero.clone(), zero.clone(), zero.clone())
+        b, stats = self.buffers, self.error_stats
+        k_back = self.method.dequantize(b.k, b.k_scale, write, self.k_scale, torch.float32)
+        v_back = self.method.dequantize(b.v, b.v_scale, write, self.v_scale, torch.float32)
+        stats.k_err += (k_back - flat_k.float()).square().sum()
+        stats.k_ref += original_k.float().square().sum()
+        stats.v_err += (v_back - flat_v.float()).square().sum()
+        stats.v_ref += flat_v.float().square().sum()
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        rows = rows.to(self.device)
+        capacity = self.capacity
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            view = t.view(self.batch, capacity, *t.shape[1:])
+            return view.index_select(0, rows).reshape(-1, *t.shape[1:])
+
+        self.buffers = self.buffers.map(pick)
+        self.batch = rows.numel()
+
+
+class QuantKVCache(Cache):
+    """A transformers ``Cache`` of :class:`QuantKVLayer` s, one per decoder layer.
+
+    Parameters
+    ----------
+    method:
+        The storage format every layer uses.
+    num_layers:
+        Decoder layers of the model.
+    scales:
+        Calibrated per-layer scales (``[num_layers]`` tensors) for methods that use them; None
+        for dynamic scales (or methods without a tensor scale).
+    k_offsets:
+        ``[num_layers, heads, head_dim]`` K centering offsets, or None.
+    capacity_hint:
+        Tokens per batch row to allocate up front (e.g. longest prompt + max new tokens).
+    """
+
+    def __init__(
+        self,
+        method: KVCacheMethod,
+        num_layers: int,
+        scales: LayerScales | None = None,
+        k_offsets: torch.Tensor | None = None,
+        capacity_hint: int | None = None,
+    ) -> None:
+        if scales is not None and (len(scales.k) != num_layers or len(scales.v) != num_layers):
+            raise FP4KVError(
+                f"scales cover {len(scales.k)} layers but the model has {num_layers}; "
+                "calibrate this model with fp4kv calibrate"
+            )
+        if k_offsets is not None and k_offsets.shape[0] != num_layers:
+            raise FP4KVError(
+                f"k_offset covers {k_offsets.shape[0]} layers but the model has {num_layers}; "
+                "calibrate this model with fp4kv calibrate --center-k"
+            )
+        self.method = method
+        self.shared = _SharedState()
+        layers = [
+            QuantKVLayer(
+                method,
+                self.shared,
+                k_scale=None if scales is None else scales.k[i],
+                v_scale=None if scales is None else scales.v[i],
+                k_offset=None if k_offsets is None else k_offsets[i],
+                capacity_hint=capacity_hint,
+            )
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def for_model(
+        cls,
+        config: Any,
+        method: KVCacheMethod,
+        scales: LayerScales | None = None,
+        k_offsets: torch.Tensor | None = None,
+        capacity_hint: int | None = None,
+    ) -> QuantKVCache:
+        """A cache sized for a transformers model ``config`` (its decoder text config)."""
+        text_config = config.get_text_config(decoder=True)
+        layer_types = (
+            getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        )
+        unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+        if unsupported:
+            raise FP4KVError(
+                f"model has {', '.join(unsupported)} layers; the quantized KV cache supports only "
+                f"{', '.join(SUPPORTED_LAYER_TYPES)} attention models"
+            )
+        return cls(method, len(layer_types), scales, k_offsets, capacity_hint)
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""
+        self.shared.token_mask = mask
+
+    def track_errors(self) -> None:
+        """Accumulate the relative K/V reconstruction error of every stored token from now on."""
+        for layer in self.layers:
+            layer.track_error = True
+
+    def error_sums(self) -> torch.Tensor:
+        """Per-layer ``[num_layers, 4]`` float32 sums ``(||deq(q(K)) - K||^2, ||K||^2, same for V)``
+        over the tokens stored since :meth:`track_errors`."""
+        rows = []
+        for layer in self.layers:
+            stats = layer.error_stats
+            if stats is None:
+                raise ValueError("call track_errors() before storing tokens to measure reconstruction errors")
+            rows.append(torch.stack([stats.k_err, stats.k_ref, stats.v_err, stats.v_ref]).cpu())
+        return torch.stack(rows)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one sequence occupies over all layers (K, V and scales)."""
+        return sum(layer.bytes_per_token() for layer in self.layers)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the token slots written so far (every batch row, left padding included)."""
+        return sum(layer.bytes_per_token() * layer.batch * layer.length for layer in self.layers)
+
+    def capacity_bytes(self) -> int:
+        """Bytes of all buffers the cache holds (written or not)."""
+        return sum(layer.capacity_bytes() for layer in self.layers)
+
+    def layer_scales(self) -> tuple[list[float], list[float]] | None:
+        """Per-layer K and V scales in use (None for methods without a tensor scale)."""
+        if not self.method.uses_tensor_scale:
+            return None
+        return _floats([layer.k_scale for layer in self.layers]), _floats(
+            [layer.v_scale for layer in self.layers]
+        )
+
+
+def _floats(values: Sequence[torch.Tensor | None]) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in values]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _to_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, T, dim]`` to rows ``[batch * T, heads, dim]`` (row-major over batch, T)."""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch * length, heads, dim)
+
+
+def _from_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Rows ``[batch * L, heads, dim]`` back to ``[batch, heads, L, dim]``."""
+    rows, heads, dim = x.shape
+    return x.view(batch, rows // batch, heads, dim).transpose(1, 2)

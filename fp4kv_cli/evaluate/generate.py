@@ -1,0 +1,123 @@
+"""Batched greedy generation through a given KV cache, with lm-eval's stop strings.
+
+Prompts are left-padded into one batch; ``model.generate`` runs greedy decoding and stops a row
+at EOS or when a stop string completes (transformers' ``StopStringCriteria``, evaluated on the
+device), and the whole batch once every row has stopped. The prefill's attention mask goes to
+the cache so padding never enters dynamic scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StopStringCriteria
+
+from fp4kv_cli.cache import QuantKVCache
+from fp4kv_cli.evaluate.gsm8k import cut_at_stop
+from fp4kv_cli.models import cache_argument
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """One row's generation: decoded text before the first stop string, the raw decoded text,
+    and how many tokens the model generated for it (up to its stop; the closing EOS and the
+    padding after it are not counted)."""
+
+    text: str
+    raw_text: str
+    new_tokens: int
+
+
+def stop_strings_supported(tokenizer: Any, stop_strings: Sequence[str]) -> bool:
+    """Whether transformers' ``StopStringCriteria`` can index this tokenizer's vocabulary (it
+    cannot for some unusual tokenizers; generation then stops at EOS or the token budget, and
+    the text is cut at the stop strings all the same)."""
+    try:
+        StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop_strings))
+    except ValueError:
+        return False
+    return True
+
+
+def greedy_config(
+    model: Any, tokenizer: Any, max_new_tokens: int, stop_strings: Sequence[str]
+) -> GenerationConfig:
+    """Plain greedy decoding: the model's EOS ids, no sampling, penalties or other hub defaults;
+    rows stop early at ``stop_strings`` when the tokenizer supports it."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=sorted(eos_ids) or None,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=list(stop_strings) if stop_strings_supported(tokenizer, stop_strings) else None,
+    )
+
+
+def neutral_generation_defaults(model: Any) -> None:
+    """Replace the model's hub generation defaults (temperature, repetition penalty ...) with
+    transformers' defaults, keeping its special token ids, so ``generate`` is plain greedy."""
+    old = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id, pad_token_id=old.pad_token_id
+    )
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[batch, longest]`` int64, padded on the left."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, longest - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, longest - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    cache: QuantKVCache,
+    config: GenerationConfig,
+    stops: Sequence[str],
+) -> list[Continuation]:
+    """Greedy continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    cache.set_token_mask(attention_mask)
+    extra = {"tokenizer": tokenizer} if config.stop_strings else {}
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            **extra,
+            **{cache_argument(model): cache},
+        )
+    generated = out[:, input_ids.shape[1] :]
+    ends = [config.pad_token_id, *(config.eos_token_id or [])]
+    counts = generated.shape[1] - _trailing(generated, [t for t in ends if t is not None])
+    results = []
+    for row, count in zip(generated.tolist(), counts.tolist()):
+        raw = tokenizer.decode(row[:count], skip_special_tokens=True)
+        results.append(Continuation(cut_at_stop(raw, stops), raw, count))
+    return results
+
+
+def _trailing(tokens: torch.Tensor, end_ids: Sequence[int]) -> torch.Tensor:
+    """Length of the run of ``end_ids`` (EOS, padding) at the end of each row of ``tokens [batch, n]``."""
+    if not end_ids or tokens.shape[1] == 0:
+        return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    is_end = torch.isin(tokens, torch.tensor(end_ids, device=tokens.device)).long()
+    return is_end.flip(1).cumprod(1).sum(1)

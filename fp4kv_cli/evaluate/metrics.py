@@ -1,0 +1,83 @@
+"""Accuracy with confidence intervals, and the paired difference of two formats on the same questions.
+
+- ``stderr``: lm-eval's ``mean_stderr``, the sample standard deviation (``n - 1``) over ``sqrt(n)``.
+- ``ci95``: the Wilson score interval at 95 %, which stays inside [0, 1] for small ``n``.
+- Paired difference ``a - b`` over the same questions: mean of ``d_i = a_i - b_i`` in {-1, 0, 1}
+  with the normal 95 % interval ``mean +- 1.96 * sd(d) / sqrt(n)``; ``a_only`` / ``b_only`` count
+  the questions only ``a`` / only ``b`` got right (McNemar's discordant pairs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any
+
+Z95 = NormalDist().inv_cdf(0.975)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Fraction correct of ``n`` questions, with lm-eval's stderr and the Wilson 95 % interval."""
+
+    n: int
+    correct: int
+    mean: float
+    stderr: float | None
+    ci95: tuple[float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of ``a_i - b_i`` over ``n`` shared questions with its normal 95 % interval."""
+
+    n: int
+    mean: float
+    ci95: tuple[float, float] | None
+    a_only: int
+    b_only: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def accuracy(flags: Sequence[bool]) -> Accuracy:
+    """Accuracy of per-question correctness ``flags`` (needs at least one)."""
+    n = len(flags)
+    if n == 0:
+        raise ValueError("accuracy needs at least one question")
+    correct = sum(bool(f) for f in flags)
+    mean = correct / n
+    stderr = math.sqrt(mean * (1 - mean) * n / (n - 1)) / math.sqrt(n) if n > 1 else None
+    return Accuracy(n, correct, mean, stderr, wilson_interval(correct, n))
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n``."""
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> PairedDifference:
+    """``a - b`` on the same questions (``a[i]`` and ``b[i]`` score question ``i``)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired difference needs two equal non-empty lists, got {len(a)} and {len(b)}")
+    diffs = [int(bool(x)) - int(bool(y)) for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    ci = None
+    if n > 1:
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+        half = Z95 * sd / math.sqrt(n)
+        ci = (mean - half, mean + half)
+    return PairedDifference(n, mean, ci, diffs.count(1), diffs.count(-1))

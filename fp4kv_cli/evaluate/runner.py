@@ -1,0 +1,445 @@
+"""``fp4kv eval gsm8k`` end to end: check inputs, load the model once, measure fidelity, generate
+and score every question for each KV format (resumable), then write the summary and plot."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fp4kv_cli import __version__
+from fp4kv_cli.cache import QuantKVCache
+from fp4kv_cli.data import load_gsm8k
+from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.evaluate import gsm8k
+from fp4kv_cli.evaluate.fidelity import Fidelity, measure_fidelity
+from fp4kv_cli.evaluate.generate import (
+    Continuation,
+    generate_batch,
+    greedy_config,
+    neutral_generation_defaults,
+)
+from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
+from fp4kv_cli.evaluate.results import (
+    SampleLog,
+    load_fidelity,
+    plot_summary,
+    prepare_run_dir,
+    samples_path,
+    save_fidelity,
+    write_summary,
+)
+from fp4kv_cli.model_config import KVShape, load_config_dict
+from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
+from fp4kv_cli.quant.backend import get_backend
+from fp4kv_cli.quant.methods import BF16KVMethod, FP4KVCacheQuantMethod, KVCacheMethod, LayerScales
+from fp4kv_cli.quant.registry import get_kv_cache_method
+from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
+
+#: The format every other one is compared with (fidelity reference, paired accuracy difference).
+REFERENCE = "bf16"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What ``fp4kv eval gsm8k`` was asked to do (see the CLI options for each field)."""
+
+    model: str
+    kv_dtypes: tuple[str, ...] = ("bf16", "nvfp4")
+    scales: str | None = None
+    num_fewshot: int = 5
+    limit: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    chat: bool = False
+    data: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    fidelity: bool = True
+    fidelity_samples: int = 8
+    out: str = "results"
+    run_name: str | None = None
+    resume: bool = False
+
+
+def parse_kv_dtypes(text: str) -> tuple[str, ...]:
+    """``"bf16,nvfp4"`` -> ``("bf16", "nvfp4")``: known formats, lower-cased, duplicates dropped."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if not names:
+        raise FP4KVError("--kv-dtype is empty; pass e.g. bf16,fp8,nvfp4,blockfp4")
+    for name in names:
+        get_kv_cache_method(name)  # raises FP4KVError naming the known formats
+    return tuple(dict.fromkeys(names))
+
+
+def default_run_name(model: str) -> str:
+    """``<model name>-gsm8k``: folder or file stem of a local model, last part of a hub id."""
+    path = Path(model.rstrip("/"))
+    stem = path.stem if path.suffix == ".gguf" else path.name
+    return f"{stem or 'model'}-gsm8k"
+
+
+@dataclass
+class _Plan:
+    """Everything resolved before the model is loaded."""
+
+    questions: list[dict[str, str]]
+    train: list[dict[str, str]]
+    shape: KVShape
+    scales_file: ScalesFile | None
+    k_offsets: torch.Tensor | None
+    run_dir: Path
+
+
+def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
+    """Run the evaluation and return the summary (also written to ``OUT/<run>/summary.json``)."""
+    started = time.perf_counter()
+    plan = _plan(settings)
+    device = resolve_device(settings.device)
+    dtype = parse_dtype(settings.dtype, device)
+    with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {device})"):
+        model, tokenizer = load_model_and_tokenizer(settings.model, device, dtype)
+    if settings.chat and not getattr(tokenizer, "chat_template", None):
+        raise FP4KVError(f"{settings.model} has no chat template; drop --chat to use the few-shot prompt")
+    neutral_generation_defaults(model)
+    prompts = _prompts(settings, plan, tokenizer)
+    prompt_ids = _encode(tokenizer, prompts, settings.chat)
+    methods = _methods(settings.kv_dtypes, dtype)
+    scales = {kv: _scales(method, plan.scales_file, device) for kv, method in methods.items()}
+    k_offsets = None if plan.k_offsets is None else plan.k_offsets.to(device)
+
+    def make_cache(kv: str, capacity_hint: int) -> QuantKVCache:
+        offsets = None if kv == REFERENCE else k_offsets
+        return QuantKVCache.for_model(model.config, methods[kv], scales[kv], offsets, capacity_hint)
+
+    fidelity: dict[str, Fidelity] = {}
+    if settings.fidelity:
+        count = min(settings.fidelity_samples, len(plan.questions))
+        fidelity = load_fidelity(plan.run_dir, count, settings.kv_dtypes) or {}
+        if not fidelity:
+            answers = [_answer_ids(tokenizer, q["answer"], settings.chat) for q in plan.questions[:count]]
+            with _progress(console) as progress:
+                task = progress.add_task("fidelity (teacher-forced)", total=count)
+                fidelity = measure_fidelity(
+                    model,
+                    list(zip(prompt_ids[:count], answers)),
+                    make_cache,
+                    settings.kv_dtypes,
+                    REFERENCE,
+                    lambda: progress.advance(task),
+                )
+            save_fidelity(plan.run_dir, count, fidelity)
+    stops = _stop_strings(tokenizer)
+    config = greedy_config(model, tokenizer, settings.max_new_tokens, stops)
+    records: dict[str, dict[int, dict[str, Any]]] = {}
+    for kv in settings.kv_dtypes:
+        records[kv] = _generate_all(
+            console,
+            kv,
+            plan,
+            prompt_ids,
+            settings,
+            lambda ids, hint, kv=kv: _run_batch(model, tokenizer, ids, make_cache(kv, hint), config, stops),
+        )
+    summary = _summary(settings, plan, device, dtype, methods, scales, records, fidelity, prompts[0])
+    summary["wall_seconds"] = time.perf_counter() - started
+    write_summary(plan.run_dir, summary)
+    plot_summary(plan.run_dir, summary)
+    return summary
+
+
+def _plan(settings: EvalSettings) -> _Plan:
+    if settings.limit is not None and settings.limit <= 0:
+        raise FP4KVError(f"--limit must be > 0, got {settings.limit}; omit it to use every question")
+    for option, value in (("--batch-size", settings.batch_size), ("--max-new-tokens", settings.max_new_tokens),
+                          ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
+        if value <= 0:
+            raise FP4KVError(f"{option} must be > 0, got {value}")
+    if settings.num_fewshot < 0:
+        raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
+    kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
+    config = load_config_dict(settings.model)
+    shape = KVShape.from_config(config)
+    for kv in kv_dtypes:
+        method = get_kv_cache_method(kv)
+        if isinstance(method, FP4KVCacheQuantMethod):
+            method.check_head_dim(shape.head_dim)
+    scales_file = None
+    if settings.scales is not None:
+        scales_file = load_scales_file(settings.scales)
+        scales_file.check_model(config)
+    questions = load_gsm8k("test", settings.data)[: settings.limit]
+    train = load_gsm8k("train")
+    run_dir = prepare_run_dir(
+        settings.out,
+        settings.run_name or default_run_name(settings.model),
+        _config_record(settings),
+        settings.resume,
+    )
+    return _Plan(questions, train, shape, scales_file, _k_offsets(scales_file, shape), run_dir)
+
+
+def _config_record(settings: EvalSettings) -> dict[str, Any]:
+    record = asdict(settings)
+    record["kv_dtypes"] = list(settings.kv_dtypes)
+    record["num_fewshot"] = 0 if settings.chat else settings.num_fewshot
+    for key in ("model", "data", "scales"):
+        if record[key] is not None and Path(record[key]).expanduser().exists():
+            record[key] = str(Path(record[key]).expanduser().resolve())
+    return record
+
+
+def _k_offsets(scales_file: ScalesFile | None, shape: KVShape) -> torch.Tensor | None:
+    """Per-layer K centering offsets ``[layers, kv_heads, head_dim]`` from the scales file, if any."""
+    tensor = None if scales_file is None else KVCacheMethod.load_k_offsets(scales_file)
+    if tensor is None:
+        return None
+    expected = (shape.num_layers, shape.num_kv_heads, shape.head_dim)
+    if tuple(tensor.shape) != expected:
+        raise FP4KVError(
+            f"scales file k_offset has shape {tuple(tensor.shape)}, the model needs {expected}; "
+            "calibrate this model with fp4kv calibrate"
+        )
+    return tensor
+
+
+def _methods(kv_dtypes: Sequence[str], dtype: torch.dtype) -> dict[str, KVCacheMethod]:
+    """One method per format, plus the reference; unquantized storage uses the model's dtype."""
+    names = dict.fromkeys([REFERENCE, *kv_dtypes])
+    return {kv: BF16KVMethod(dtype) if kv == REFERENCE else get_kv_cache_method(kv) for kv in names}
+
+
+def _scales(
+    method: KVCacheMethod, scales_file: ScalesFile | None, device: torch.device
+) -> LayerScales | None:
+    """The method's calibrated per-layer scales, on ``device`` once for every batch's cache."""
+    if scales_file is None or not method.uses_tensor_scale:
+        return None
+    scales = method.load_scales(scales_file)
+    return LayerScales(k=scales.k.to(device), v=scales.v.to(device))
+
+
+def _prompts(settings: EvalSettings, plan: _Plan, tokenizer: Any) -> list[str]:
+    if settings.chat:
+        return [
+            tokenizer.apply_chat_template(
+                gsm8k.chat_messages(q["question"]), tokenize=False, add_generation_prompt=True
+            )
+            for q in plan.questions
+        ]
+    draws = gsm8k.fewshot_draws(len(plan.questions), len(plan.train), settings.num_fewshot)
+    return [
+        gsm8k.fewshot_prompt(q["question"], [plan.train[i] for i in shots])
+        for q, shots in zip(plan.questions, draws)
+    ]
+
+
+def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+    """Token ids per prompt; the tokenizer's own special tokens (BOS) unless the chat template
+    already wrote them."""
+    return tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]
+
+
+def _answer_ids(tokenizer: Any, answer: str, chat: bool) -> list[int]:
+    """Gold answer tokens as lm-eval appends a target: after a space (few-shot) or directly (chat)."""
+    return tokenizer(answer if chat else f" {answer}", add_special_tokens=False)["input_ids"]
+
+
+def _stop_strings(tokenizer: Any) -> list[str]:
+    """lm-eval's ``until`` list plus the tokenizer's EOS text."""
+    stops = list(gsm8k.STOP_SEQUENCES)
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    return stops
+
+
+def _run_batch(
+    model: Any,
+    tokenizer: Any,
+    ids: Sequence[Sequence[int]],
+    cache: QuantKVCache,
+    config: Any,
+    stops: Sequence[str],
+) -> tuple[list[Continuation], dict[str, Any]]:
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    continuations = generate_batch(model, tokenizer, ids, cache, config, stops)
+    seconds = time.perf_counter() - start
+    stats = {
+        "seconds": seconds,
+        "kv_bytes_per_token": cache.bytes_per_token(),
+        "kv_stored_bytes": cache.stored_bytes(),
+        "kv_capacity_bytes": cache.capacity_bytes(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    }
+    return continuations, stats
+
+
+def _generate_all(
+    console: Console,
+    kv: str,
+    plan: _Plan,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: EvalSettings,
+    run_batch: Callable[[list[list[int]], int], tuple[list[Continuation], dict[str, Any]]],
+) -> dict[int, dict[str, Any]]:
+    """Score every question with format ``kv``; batches already in ``samples-<kv>.jsonl`` are skipped."""
+    log = SampleLog(samples_path(plan.run_dir, kv))
+    done = log.load()
+    order = sorted(range(len(plan.questions)), key=lambda i: -len(prompt_ids[i]))
+    todo = [i for i in order if i not in done]
+    with _progress(console) as progress:
+        task = progress.add_task(
+            f"gsm8k {kv}", total=len(plan.questions), completed=len(plan.questions) - len(todo)
+        )
+        for first in range(0, len(todo), settings.batch_size):
+            batch = todo[first : first + settings.batch_size]
+            ids = [list(prompt_ids[i]) for i in batch]
+            continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens)
+            fresh = [
+                _record(i, plan.questions[i], len(prompt_ids[i]), c, stats, len(batch))
+                for i, c in zip(batch, continuations)
+            ]
+            log.append(fresh)
+            done.update((r["index"], r) for r in fresh)
+            progress.advance(task, len(batch))
+    return done
+
+
+def _record(
+    index: int,
+    question: dict[str, str],
+    prompt_tokens: int,
+    c: Continuation,
+    stats: dict[str, Any],
+    batch: int,
+) -> dict[str, Any]:
+    strict, flexible = gsm8k.extract_strict(c.text), gsm8k.extract_flexible(c.text)
+    return {
+        "index": index,
+        "question": question["question"],
+        "answer": question["answer"],
+        "gold": gsm8k.gold_answer(question["answer"]),
+        "output": c.text,
+        "raw_output": c.raw_text,
+        "strict": strict,
+        "flexible": flexible,
+        "strict_correct": gsm8k.is_correct(strict, question["answer"]),
+        "flexible_correct": gsm8k.is_correct(flexible, question["answer"]),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": c.new_tokens,
+        "seconds": stats["seconds"] / batch,
+        "kv_bytes_per_token": stats["kv_bytes_per_token"],
+        "kv_stored_bytes": stats["kv_stored_bytes"],
+        "kv_capacity_bytes": stats["kv_capacity_bytes"],
+        "peak_gpu_bytes": stats["peak_gpu_bytes"],
+    }
+
+
+def _summary(
+    settings: EvalSettings,
+    plan: _Plan,
+    device: torch.device,
+    dtype: torch.dtype,
+    methods: dict[str, KVCacheMethod],
+    scales: dict[str, LayerScales | None],
+    records: dict[str, dict[int, dict[str, Any]]],
+    fidelity: dict[str, Fidelity],
+    example_prompt: str,
+) -> dict[str, Any]:
+    import transformers
+
+    shape = plan.shape
+    bf16_cell = BF16KVMethod(torch.bfloat16).compute_cell_size(
+        shape.num_kv_heads, shape.head_dim, shape.num_layers
+    )
+    indices = range(len(plan.questions))
+    reference = records.get(REFERENCE)
+    results = {}
+    for kv in settings.kv_dtypes:
+        rows = [records[kv][i] for i in indices]
+        flags = {key: [r[f"{key}_correct"] for r in rows] for key in ("strict", "flexible")}
+        seconds = sum(r["seconds"] for r in rows)
+        new_tokens = sum(r["new_tokens"] for r in rows)
+        paired = None
+        if reference is not None and kv != REFERENCE:
+            paired = {
+                key: paired_difference(
+                    flags[key], [reference[i][f"{key}_correct"] for i in indices]
+                ).to_dict()
+                for key in flags
+            }
+        peaks = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
+        results[kv] = {
+            "scale_source": _scale_source(methods[kv], scales[kv]),
+            "k_centering": plan.k_offsets is not None and kv != REFERENCE,
+            "accuracy": {key: accuracy(values).to_dict() for key, values in flags.items()},
+            "vs_bf16": paired,
+            "new_tokens": new_tokens,
+            "generation_seconds": seconds,
+            "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
+            "kv_bytes_per_token": rows[0]["kv_bytes_per_token"],
+            "kv_bytes_per_token_vs_bf16": rows[0]["kv_bytes_per_token"] / bf16_cell,
+            "max_kv_capacity_bytes": max(r["kv_capacity_bytes"] for r in rows),
+            "max_kv_stored_bytes": max(r["kv_stored_bytes"] for r in rows),
+            "peak_gpu_bytes": max(peaks) if peaks else None,
+            "fidelity": fidelity[kv].to_dict() if kv in fidelity else None,
+        }
+    return {
+        "task": "gsm8k",
+        "model": settings.model,
+        "run_dir": str(plan.run_dir),
+        "num_questions": len(plan.questions),
+        "prompt": "chat zero-shot CoT" if settings.chat else f"lm-eval gsm8k {settings.num_fewshot}-shot",
+        "num_fewshot": 0 if settings.chat else settings.num_fewshot,
+        "fewshot_seed": gsm8k.FEWSHOT_SEED,
+        "stop_sequences": list(gsm8k.STOP_SEQUENCES),
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+        "device": str(device),
+        "dtype": DTYPE_NAMES[dtype],
+        "backend": get_backend(device).name,
+        "scales": settings.scales,
+        "kv_shape": asdict(shape),
+        "bf16_kv_bytes_per_token": bf16_cell,
+        "example_prompt": example_prompt,
+        "versions": {
+            "fp4kv": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "results": results,
+    }
+
+
+def _scale_source(method: KVCacheMethod, scales: LayerScales | None) -> str:
+    if not method.uses_tensor_scale:
+        return "none"
+    return "calibrated" if scales is not None else "dynamic"
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
