@@ -7,6 +7,8 @@ CPU and GPU; GPU kernels must reproduce them bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 #: Largest finite E4M3 (``float8_e4m3fn``) value.
@@ -37,8 +39,9 @@ E2M1_THRESHOLDS_UP_IS_EVEN: tuple[tuple[float, bool], ...] = (
 )
 
 
+@functools.cache
 def e2m1_table(device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16 E2M1 code values as a float32 tensor of shape ``[16]``."""
+    """The 16 E2M1 code values as a float32 tensor of shape ``[16]`` (one copy per device)."""
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
 
 
