@@ -1,10 +1,12 @@
 """transformers ``Cache`` layers whose K/V really live in a quant method's buffers.
 
 One :class:`QuantKVLayer` per attention layer owns that layer's buffers (created by the
-method, laid out ``[batch * capacity, heads, ...]``, slot ``b * capacity + t``). Every token,
-prompt and generated, is written through ``method.quantize_and_store``; attention gets the
-values back through ``method.dequantize`` of the filled slots, as a kernel reading the FP4
-buffers would. The method owns the math, the layer owns the buffers, the backend only runs ops.
+methods, laid out ``[batch * capacity, heads, ...]``, slot ``b * capacity + t``). Every token,
+prompt and generated, is written through ``method.store`` (K with the layer's K method, V with
+its V method); attention gets the values back through each method's ``dequantize`` of the
+filled slots, as a kernel reading the FP4 buffers would. The methods own the math, the layer
+owns the buffers, the backend only runs ops. Layers (and K vs V) may use different formats:
+see :meth:`QuantKVCache.from_recipe`.
 
 Read semantics follow serving engines: a multi-token forward (prefill, or a chunk of a
 teacher-forced text) attends to the stored prefix read back from the buffers plus its own
@@ -104,17 +106,20 @@ class QuantKVLayer(CacheLayerMixin):
     Parameters
     ----------
     method:
-        The storage format (``bf16``, ``fp8``, ``nvfp4``, ``blockfp4`` ...).
+        The storage format (``bf16``, ``fp8``, ``nvfp4``, ``blockfp4`` ...) of K, and of V
+        unless ``v_method`` is given.
     shared:
         State shared with the other layers of the cache (token mask, slot indices).
     k_scale, v_scale:
-        This layer's per-tensor scales (0-dim float32) for methods that use one; None means
-        dynamic (amax of the prefill's real tokens).
+        This layer's per-tensor K / V scales (0-dim float32) for methods that use one; None
+        means dynamic (amax of the prefill's real tokens), per tensor.
     k_offset:
         ``[heads, head_dim]`` float32 subtracted from K before storing, or None.
     capacity_hint:
         Tokens per batch row to allocate up front (prompt + new tokens); grows by
         :data:`CAPACITY_CHUNK` when exceeded.
+    v_method:
+        The storage format of V (default: ``method``).
     """
 
     is_sliding = False
@@ -128,11 +133,14 @@ class QuantKVLayer(CacheLayerMixin):
         v_scale: torch.Tensor | None = None,
         k_offset: torch.Tensor | None = None,
         capacity_hint: int | None = None,
+        v_method: KVCacheMethod | None = None,
     ) -> None:
         super().__init__()
-        self.method = method
+        self.k_method = method
+        self.v_method = method if v_method is None else v_method
         self.shared = shared
-        self.static_scales = k_scale is not None and v_scale is not None
+        self.dynamic_k = self.k_method.uses_tensor_scale and k_scale is None
+        self.dynamic_v = self.v_method.uses_tensor_scale and v_scale is None
         self.k_scale = k_scale
         self.v_scale = v_scale
         self.k_offset = k_offset
@@ -153,8 +161,9 @@ class QuantKVLayer(CacheLayerMixin):
         self.buffers = self._allocate(self.capacity)
         if self.k_offset is not None:
             self.k_offset = self.k_offset.to(device=self.device, dtype=torch.float32)
-        if self.static_scales:
+        if self.k_scale is not None:
             self.k_scale = self.k_scale.to(self.device)
+        if self.v_scale is not None:
             self.v_scale = self.v_scale.to(self.device)
         self.is_initialized = True
 
@@ -167,15 +176,14 @@ class QuantKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         keys = key_states if self.k_offset is None else key_states.float() - self.k_offset[:, None, :]
         start, new = self.length, key_states.shape[-2]
-        if start == 0 and self.method.uses_tensor_scale and not self.static_scales:
+        if start == 0 and (self.dynamic_k or self.dynamic_v):
             self._set_dynamic_scales(keys, value_states)
         self._ensure_capacity(start + new)
         write = self.shared.write_loc(self.batch, self.capacity, start, new, self.device)
         flat_k, flat_v = _to_rows(keys), _to_rows(value_states)
-        self.method.quantize_and_store(
-            self.buffers.k, self.buffers.v, self.buffers.k_scale, self.buffers.v_scale,
-            write, flat_k, flat_v, self.k_scale, self.v_scale,
-        )  # fmt: skip
+        b = self.buffers
+        self.k_method.store(b.k, b.k_scale, write, flat_k, self.k_scale)
+        self.v_method.store(b.v, b.v_scale, write, flat_v, self.v_scale)
         if self.track_error:
             self._track_error(write, flat_k, flat_v, key_states)
         self.length = start + new
@@ -208,8 +216,10 @@ class QuantKVLayer(CacheLayerMixin):
         self.buffers = None
         self.length = self.capacity = self.batch = 0
         self.is_initialized = False
-        if not self.static_scales:
-            self.k_scale = self.v_scale = None
+        if self.dynamic_k:
+            self.k_scale = None
+        if self.dynamic_v:
+            self.v_scale = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` tokens (their slots are overwritten later)."""
@@ -246,13 +256,20 @@ class QuantKVLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------- internals
     def _allocate(self, capacity: int) -> _Buffers:
-        made = self.method.create_buffers(self.batch * capacity, self.heads, self.head_dim, 1, self.device)
-        scales = made["k_scale_buffer"], made["v_scale_buffer"]
+        """K buffers from the K method, V buffers from the V method (one call when they are the
+        same method; otherwise the unused half of each call is dropped at once)."""
+        size = self.batch * capacity
+        k_made = self.k_method.create_buffers(size, self.heads, self.head_dim, 1, self.device)
+        v_made = (
+            k_made
+            if self.v_method is self.k_method
+            else self.v_method.create_buffers(size, self.heads, self.head_dim, 1, self.device)
+        )
         return _Buffers(
-            made["k_buffer"][0],
-            made["v_buffer"][0],
-            scales[0][0] if scales[0] else None,
-            scales[1][0] if scales[1] else None,
+            k_made["k_buffer"][0],
+            v_made["v_buffer"][0],
+            k_made["k_scale_buffer"][0] if k_made["k_scale_buffer"] else None,
+            v_made["v_scale_buffer"][0] if v_made["v_scale_buffer"] else None,
         )
 
     def _ensure_capacity(self, needed: int) -> None:
@@ -269,15 +286,14 @@ class QuantKVLayer(CacheLayerMixin):
     def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         loc = self.shared.read_loc(self.batch, self.capacity, length, self.device)
         b = self.buffers
-        k = self.method.dequantize(b.k, b.k_scale, loc, self.k_scale, self.dtype)
-        v = self.method.dequantize(b.v, b.v_scale, loc, self.v_scale, self.dtype)
+        k = self.k_method.dequantize(b.k, b.k_scale, loc, self.k_scale, self.dtype)
+        v = self.v_method.dequantize(b.v, b.v_scale, loc, self.v_scale, self.dtype)
         return _from_rows(k, self.batch), _from_rows(v, self.batch)
 
     def _set_dynamic_scales(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Per-tensor scales from the amax of the real (unmasked) prefill tokens; no host sync."""
+        """Per-tensor scales of the dynamic tensors from the amax of the real (unmasked) prefill
+        tokens; no host sync."""
         mask = self.shared.token_mask
-        unit = self.method.scales_from_amax([1.0], [1.0])  # scale per unit amax (host floats)
-        k_unit, v_unit = float(unit.k[0]), float(unit.v[0])
         tiny = torch.finfo(torch.float32).tiny
         amax = []
         for x in (keys, values):
@@ -291,8 +307,12 @@ class QuantKVLayer(CacheLayerMixin):
                 real = mask.to(device=x.device, dtype=torch.bool)[:, None, :, None]
                 magnitude = torch.where(real, magnitude, torch.zeros((), device=x.device))
             amax.append(magnitude.amax().clamp(min=tiny))
-        self.k_scale = (amax[0] * k_unit).clamp(min=tiny)
-        self.v_scale = (amax[1] * v_unit).clamp(min=tiny)
+        if self.dynamic_k:  # scale per unit amax (host floats)
+            k_unit = float(self.k_method.scales_from_amax([1.0], [1.0]).k[0])
+            self.k_scale = (amax[0] * k_unit).clamp(min=tiny)
+        if self.dynamic_v:
+            v_unit = float(self.v_method.scales_from_amax([1.0], [1.0]).v[0])
+            self.v_scale = (amax[1] * v_unit).clamp(min=tiny)
 
     def _track_error(
         self, write: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, original_k: torch.Tensor
@@ -301,8 +321,8 @@ class QuantKVLayer(CacheLayerMixin):
             zero = torch.zeros((), dtype=torch.float32, device=self.device)
             self.error_stats = _ErrorStats(zero.clone(), zero.clone(), zero.clone(), zero.clone())
         b, stats = self.buffers, self.error_stats
-        k_back = self.method.dequantize(b.k, b.k_scale, write, self.k_scale, torch.float32)
-        v_back = self.method.dequantize(b.v, b.v_scale, write, self.v_scale, torch.float32)
+        k_back = self.k_method.dequantize(b.k, b.k_scale, write, self.k_scale, torch.float32)
+        v_back = self.v_method.dequantize(b.v, b.v_scale, write, self.v_scale, torch.float32)
         stats.k_err += (k_back - flat_k.float()).square().sum()
         stats.k_ref += original_k.float().square().sum()
         stats.v_err += (v_back - flat_v.float()).square().sum()
@@ -324,6 +344,9 @@ class QuantKVLayer(CacheLayerMixin):
 
 class QuantKVCache(Cache):
     """A transformers ``Cache`` of :class:`QuantKVLayer` s, one per decoder layer.
+
+    The constructor gives every layer the same format; :meth:`from_recipe` picks the K and V
+    format of each layer.
 
     Parameters
     ----------
@@ -353,12 +376,7 @@ class QuantKVCache(Cache):
                 f"scales cover {len(scales.k)} layers but the model has {num_layers}; "
                 "calibrate this model with fp4kv calibrate"
             )
-        if k_offsets is not None and k_offsets.shape[0] != num_layers:
-            raise FP4KVError(
-                f"k_offset covers {k_offsets.shape[0]} layers but the model has {num_layers}; "
-                "calibrate this model with fp4kv calibrate --center-k"
-            )
-        self.method = method
+        _check_offsets(k_offsets, num_layers)
         self.shared = _SharedState()
         layers = [
             QuantKVLayer(
@@ -383,17 +401,58 @@ class QuantKVCache(Cache):
         capacity_hint: int | None = None,
     ) -> QuantKVCache:
         """A cache sized for a transformers model ``config`` (its decoder text config)."""
-        text_config = config.get_text_config(decoder=True)
-        layer_types = (
-            getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
-        )
-        unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
-        if unsupported:
-            raise FP4KVError(
-                f"model has {', '.join(unsupported)} layers; the quantized KV cache supports only "
-                f"{', '.join(SUPPORTED_LAYER_TYPES)} attention models"
+        return cls(method, _num_layers(config), scales, k_offsets, capacity_hint)
+
+    @classmethod
+    def from_recipe(
+        cls,
+        config: Any,
+        k_methods: Sequence[KVCacheMethod],
+        v_methods: Sequence[KVCacheMethod],
+        k_scales: Sequence[torch.Tensor | None] | None = None,
+        v_scales: Sequence[torch.Tensor | None] | None = None,
+        k_offsets: torch.Tensor | None = None,
+        capacity_hint: int | None = None,
+    ) -> QuantKVCache:
+        """A cache for a transformers model ``config`` with a K and a V format per layer.
+
+        Parameters
+        ----------
+        k_methods, v_methods:
+            One method per decoder layer for K and for V.
+        k_scales, v_scales:
+            Per layer, the 0-dim float32 scale of that layer's K / V method, or None (dynamic,
+            or a method without a tensor scale); None for all dynamic.
+        k_offsets:
+            ``[num_layers, heads, head_dim]`` K centering offsets, or None.
+        """
+        num_layers = _num_layers(config)
+        k_scales = [None] * num_layers if k_scales is None else list(k_scales)
+        v_scales = [None] * num_layers if v_scales is None else list(v_scales)
+        for what, values in (("K formats", k_methods), ("V formats", v_methods),
+                             ("K scales", k_scales), ("V scales", v_scales)):  # fmt: skip
+            if len(values) != num_layers:
+                raise FP4KVError(
+                    f"recipe has {len(values)} {what} but the model has {num_layers} layers; "
+                    "give one per layer (fp4kv analyze --write-recipe writes a matching file)"
+                )
+        _check_offsets(k_offsets, num_layers)
+        cache = cls.__new__(cls)
+        cache.shared = _SharedState()
+        layers = [
+            QuantKVLayer(
+                k_methods[i],
+                cache.shared,
+                k_scale=k_scales[i],
+                v_scale=v_scales[i],
+                k_offset=None if k_offsets is None else k_offsets[i],
+                capacity_hint=capacity_hint,
+                v_method=v_methods[i],
             )
-        return cls(method, len(layer_types), scales, k_offsets, capacity_hint)
+            for i in range(num_layers)
+        ]
+        Cache.__init__(cache, layers=layers)
+        return cache
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""
@@ -428,11 +487,37 @@ class QuantKVCache(Cache):
         return sum(layer.capacity_bytes() for layer in self.layers)
 
     def layer_scales(self) -> tuple[list[float], list[float]] | None:
-        """Per-layer K and V scales in use (None for methods without a tensor scale)."""
-        if not self.method.uses_tensor_scale:
+        """Per-layer K and V scales in use (nan where a format has none; None when no layer's
+        format uses a tensor scale)."""
+        if not any(
+            layer.k_method.uses_tensor_scale or layer.v_method.uses_tensor_scale for layer in self.layers
+        ):
             return None
         return _floats([layer.k_scale for layer in self.layers]), _floats(
             [layer.v_scale for layer in self.layers]
+        )
+
+
+def _num_layers(config: Any) -> int:
+    """Decoder layers of a transformers ``config``; raises for layer types the cache cannot hold."""
+    text_config = config.get_text_config(decoder=True)
+    layer_types = (
+        getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+    )
+    unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise FP4KVError(
+            f"model has {', '.join(unsupported)} layers; the quantized KV cache supports only "
+            f"{', '.join(SUPPORTED_LAYER_TYPES)} attention models"
+        )
+    return len(layer_types)
+
+
+def _check_offsets(k_offsets: torch.Tensor | None, num_layers: int) -> None:
+    if k_offsets is not None and k_offsets.shape[0] != num_layers:
+        raise FP4KVError(
+            f"k_offset covers {k_offsets.shape[0]} layers but the model has {num_layers}; "
+            "calibrate this model with fp4kv calibrate --center-k"
         )
 
 

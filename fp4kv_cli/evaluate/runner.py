@@ -1,5 +1,8 @@
 """``fp4kv eval gsm8k`` end to end: check inputs, load the model once, measure fidelity, generate
-and score every question for each KV format (resumable), then write the summary and plot."""
+and score every question for each KV format (resumable), then write the summary and plot.
+
+The KV dtype ``recipe`` runs the per-layer K/V formats written in the ``--scales`` file
+(``k_format`` / ``v_format``, from ``fp4kv analyze --write-recipe``)."""
 
 from __future__ import annotations
 
@@ -46,11 +49,72 @@ from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.quant.backend import get_backend
 from fp4kv_cli.quant.methods import BF16KVMethod, FP4KVCacheQuantMethod, KVCacheMethod, LayerScales
-from fp4kv_cli.quant.registry import get_kv_cache_method
+from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY, get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
 
 #: The format every other one is compared with (fidelity reference, paired accuracy difference).
 REFERENCE = "bf16"
+#: KV dtype name for the per-layer formats of the scales file.
+RECIPE = "recipe"
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """Per-layer K/V methods and their 0-dim float32 scales (None: dynamic or no scale)."""
+
+    k_methods: list[KVCacheMethod]
+    v_methods: list[KVCacheMethod]
+    k_scales: list[torch.Tensor | None]
+    v_scales: list[torch.Tensor | None]
+
+    @classmethod
+    def from_methods(
+        cls,
+        k_methods: Sequence[KVCacheMethod],
+        v_methods: Sequence[KVCacheMethod],
+        k_amax: Sequence[float] | None,
+        v_amax: Sequence[float] | None,
+        device: torch.device | str,
+    ) -> RecipeSpec:
+        """Each layer's scales from its own K / V method's ``scales_from_amax`` of that layer's
+        amax (all None, i.e. dynamic, when no amax is given)."""
+        k_scales: list[torch.Tensor | None] = []
+        v_scales: list[torch.Tensor | None] = []
+        for layer, (k_method, v_method) in enumerate(zip(k_methods, v_methods)):
+            if k_amax is None or v_amax is None:
+                k_scales.append(None)
+                v_scales.append(None)
+                continue
+            k_made = k_method.scales_from_amax([k_amax[layer]], [v_amax[layer]])
+            v_made = v_method.scales_from_amax([k_amax[layer]], [v_amax[layer]])
+            k_scales.append(None if k_made is None else k_made.k[0].to(device))
+            v_scales.append(None if v_made is None else v_made.v[0].to(device))
+        return cls(list(k_methods), list(v_methods), k_scales, v_scales)
+
+    def cache(self, config: Any, k_offsets: torch.Tensor | None, capacity_hint: int) -> QuantKVCache:
+        """A fresh cache of this recipe for a transformers model ``config``."""
+        return QuantKVCache.from_recipe(
+            config, self.k_methods, self.v_methods, self.k_scales, self.v_scales, k_offsets, capacity_hint
+        )
+
+
+def kv_method(name: str, dtype: torch.dtype) -> KVCacheMethod:
+    """The method of format ``name``; unquantized storage uses the model's ``dtype``."""
+    return BF16KVMethod(dtype) if name == REFERENCE else get_kv_cache_method(name)
+
+
+def recipe_spec(
+    k_formats: Sequence[str],
+    v_formats: Sequence[str],
+    k_amax: Sequence[float] | None,
+    v_amax: Sequence[float] | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> RecipeSpec:
+    """Methods of the per-layer format names with scales as :meth:`RecipeSpec.from_methods`."""
+    k_methods = [kv_method(name, dtype) for name in k_formats]
+    v_methods = [kv_method(name, dtype) for name in v_formats]
+    return RecipeSpec.from_methods(k_methods, v_methods, k_amax, v_amax, device)
 
 
 @dataclass(frozen=True)
@@ -80,8 +144,10 @@ def parse_kv_dtypes(text: str) -> tuple[str, ...]:
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if not names:
         raise FP4KVError("--kv-dtype is empty; pass e.g. bf16,fp8,nvfp4,blockfp4")
+    known = [*KV_CACHE_METHOD_REGISTRY, RECIPE]
     for name in names:
-        get_kv_cache_method(name)  # raises FP4KVError naming the known formats
+        if name not in known:
+            raise FP4KVError(f"unknown KV cache dtype {name!r}; known: {', '.join(known)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -120,9 +186,17 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     methods = _methods(settings.kv_dtypes, dtype)
     scales = {kv: _scales(method, plan.scales_file, device) for kv, method in methods.items()}
     k_offsets = None if plan.k_offsets is None else plan.k_offsets.to(device)
+    recipe = None
+    if RECIPE in settings.kv_dtypes:
+        k_formats, v_formats = plan.scales_file.recipe()
+        recipe = recipe_spec(
+            k_formats, v_formats, plan.scales_file.k_amax(), plan.scales_file.v_amax(), dtype, device
+        )
 
     def make_cache(kv: str, capacity_hint: int) -> QuantKVCache:
         offsets = None if kv == REFERENCE else k_offsets
+        if kv == RECIPE:
+            return recipe.cache(model.config, offsets, capacity_hint)
         return QuantKVCache.for_model(model.config, methods[kv], scales[kv], offsets, capacity_hint)
 
     fidelity: dict[str, Fidelity] = {}
@@ -173,14 +247,23 @@ def _plan(settings: EvalSettings) -> _Plan:
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
     config = load_config_dict(settings.model)
     shape = KVShape.from_config(config)
-    for kv in kv_dtypes:
-        method = get_kv_cache_method(kv)
-        if isinstance(method, FP4KVCacheQuantMethod):
-            method.check_head_dim(shape.head_dim)
     scales_file = None
     if settings.scales is not None:
         scales_file = load_scales_file(settings.scales)
         scales_file.check_model(config)
+    formats = [kv for kv in kv_dtypes if kv != RECIPE]
+    if RECIPE in kv_dtypes:
+        recipe = None if scales_file is None else scales_file.recipe()
+        if recipe is None:
+            raise FP4KVError(
+                "--kv-dtype recipe needs --scales with per-layer k_format/v_format; "
+                "write one with fp4kv analyze --write-recipe"
+            )
+        formats += recipe[0] + recipe[1]
+    for kv in dict.fromkeys(formats):
+        method = get_kv_cache_method(kv)
+        if isinstance(method, FP4KVCacheQuantMethod):
+            method.check_head_dim(shape.head_dim)
     questions = load_gsm8k("test", settings.data)[: settings.limit]
     train = load_gsm8k("train")
     run_dir = prepare_run_dir(
@@ -189,7 +272,7 @@ def _plan(settings: EvalSettings) -> _Plan:
         _config_record(settings),
         settings.resume,
     )
-    return _Plan(questions, train, shape, scales_file, _k_offsets(scales_file, shape), run_dir)
+    return _Plan(questions, train, shape, scales_file, k_offsets_for(scales_file, shape), run_dir)
 
 
 def _config_record(settings: EvalSettings) -> dict[str, Any]:
@@ -202,7 +285,7 @@ def _config_record(settings: EvalSettings) -> dict[str, Any]:
     return record
 
 
-def _k_offsets(scales_file: ScalesFile | None, shape: KVShape) -> torch.Tensor | None:
+def k_offsets_for(scales_file: ScalesFile | None, shape: KVShape) -> torch.Tensor | None:
     """Per-layer K centering offsets ``[layers, kv_heads, head_dim]`` from the scales file, if any."""
     tensor = None if scales_file is None else KVCacheMethod.load_k_offsets(scales_file)
     if tensor is None:
@@ -217,9 +300,10 @@ def _k_offsets(scales_file: ScalesFile | None, shape: KVShape) -> torch.Tensor |
 
 
 def _methods(kv_dtypes: Sequence[str], dtype: torch.dtype) -> dict[str, KVCacheMethod]:
-    """One method per format, plus the reference; unquantized storage uses the model's dtype."""
+    """One method per format (the recipe excepted), plus the reference; unquantized storage uses
+    the model's dtype."""
     names = dict.fromkeys([REFERENCE, *kv_dtypes])
-    return {kv: BF16KVMethod(dtype) if kv == REFERENCE else get_kv_cache_method(kv) for kv in names}
+    return {kv: kv_method(kv, dtype) for kv in names if kv != RECIPE}
 
 
 def _scales(
@@ -245,6 +329,20 @@ def _prompts(settings: EvalSettings, plan: _Plan, tokenizer: Any) -> list[str]:
         gsm8k.fewshot_prompt(q["question"], [plan.train[i] for i in shots])
         for q, shots in zip(plan.questions, draws)
     ]
+
+
+def teacher_forced_samples(
+    tokenizer: Any, count: int, num_fewshot: int = 5
+) -> list[tuple[list[int], list[int]]]:
+    """``(prompt_ids, gold_answer_ids)`` of the first ``count`` GSM8K test questions with the
+    lm-eval few-shot prompt, as ``eval gsm8k`` measures fidelity on them."""
+    questions, train = load_gsm8k("test")[:count], load_gsm8k("train")
+    draws = gsm8k.fewshot_draws(len(questions), len(train), num_fewshot)
+    prompts = [
+        gsm8k.fewshot_prompt(q["question"], [train[i] for i in shots]) for q, shots in zip(questions, draws)
+    ]
+    answers = [_answer_ids(tokenizer, q["answer"], False) for q in questions]
+    return list(zip(_encode(tokenizer, prompts, False), answers))
 
 
 def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
@@ -387,7 +485,7 @@ def _summary(
             }
         peaks = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
         results[kv] = {
-            "scale_source": _scale_source(methods[kv], scales[kv]),
+            "scale_source": "calibrated" if kv == RECIPE else _scale_source(methods[kv], scales[kv]),
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
             "accuracy": {key: accuracy(values).to_dict() for key, values in flags.items()},
             "vs_bf16": paired,
@@ -401,6 +499,9 @@ def _summary(
             "peak_gpu_bytes": max(peaks) if peaks else None,
             "fidelity": fidelity[kv].to_dict() if kv in fidelity else None,
         }
+        if kv == RECIPE:
+            k_formats, v_formats = plan.scales_file.recipe()
+            results[kv]["recipe"] = {"k": k_formats, "v": v_formats}
     return {
         "task": "gsm8k",
         "model": settings.model,

@@ -15,7 +15,8 @@
          "k_amax_per_head": [float]|null, "v_amax_per_head": [float]|null,
          "k_percentiles": {"p99": float, "p99.9": float, "p99.99": float},
          "v_percentiles": {...},
-         "k_top_channels": [{"head": int, "channel": int, "amax": float}, ...]}
+         "k_top_channels": [{"head": int, "channel": int, "amax": float}, ...],
+         "k_format": str, "v_format": str}          (optional, see below)
       ]
     }
 
@@ -23,6 +24,11 @@ A per-layer ``k_offset`` entry (``[num_kv_heads][head_dim]`` floats, the calibra
 mean of K, from ``calibrate --center-k``) may be present; when it is, ``k_amax`` is the amax of
 ``K - k_offset`` and ``k_amax_raw`` keeps the amax of K itself (what an engine that ignores the
 offset must be given).
+
+Optional per-layer ``"k_format"`` / ``"v_format"`` entries (names of KV cache formats:
+``bf16``, ``fp8``, ``nvfp4``, ``blockfp4``) make the file a mixed-format *recipe*, written by
+``fp4kv analyze --write-recipe`` and run by ``fp4kv eval gsm8k --kv-dtype recipe``. When
+present they must be on every layer, both of them.
 
 Conventions. A *dequant scale* multiplies stored values back to real ones:
 
@@ -118,6 +124,8 @@ class LayerAmax:
     k_amax_per_head: tuple[float, ...] | None = None
     v_amax_per_head: tuple[float, ...] | None = None
     k_offset: tuple[tuple[float, ...], ...] | None = None
+    k_format: str | None = None
+    v_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,12 @@ class ScalesFile:
     def v_amax(self) -> list[float]:
         """Per-layer V amax."""
         return [layer.v_amax for layer in self.layers]
+
+    def recipe(self) -> tuple[list[str], list[str]] | None:
+        """Per-layer K and V format names when the file is a recipe, else None."""
+        if all(layer.k_format is None and layer.v_format is None for layer in self.layers):
+            return None
+        return [layer.k_format for layer in self.layers], [layer.v_format for layer in self.layers]
 
     def check_model(self, config: Mapping[str, Any], num_layers: int | None = None) -> None:
         """Raise :class:`ScalesFileError` if this file was calibrated on another model."""
@@ -185,6 +199,12 @@ def parse_scales(data: Mapping[str, Any], source: str = "scales") -> ScalesFile:
     if not isinstance(raw_layers, list) or not raw_layers:
         raise ScalesFileError(f"{source} has no layers; re-run fp4kv calibrate")
     layers = tuple(_parse_layer(entry, position, source) for position, entry in enumerate(raw_layers))
+    formats = [(layer.k_format, layer.v_format) for layer in layers]
+    if any(f != (None, None) for f in formats) and any(None in f for f in formats):
+        raise ScalesFileError(
+            f"{source} gives k_format/v_format for some layers or tensors only; give both on every "
+            "layer (fp4kv analyze --write-recipe writes them)"
+        )
     return ScalesFile(data=dict(data), layers=layers)
 
 
@@ -213,7 +233,21 @@ def _parse_layer(entry: Mapping[str, Any], position: int, source: str) -> LayerA
         k_amax_per_head=per_head["k_amax_per_head"],
         v_amax_per_head=per_head["v_amax_per_head"],
         k_offset=k_offset,
+        k_format=_format(entry.get("k_format"), f"{source}: layer {index} k_format"),
+        v_format=_format(entry.get("v_format"), f"{source}: layer {index} v_format"),
     )
+
+
+def _format(value: Any, what: str) -> str | None:
+    """A KV cache format name (lower-cased), or None when absent."""
+    if value is None:
+        return None
+    from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY  # registry imports this module
+
+    name = str(value).strip().lower()
+    if name not in KV_CACHE_METHOD_REGISTRY:
+        raise ScalesFileError(f"{what} is {value!r}; use one of {', '.join(KV_CACHE_METHOD_REGISTRY)}")
+    return name
 
 
 def _positive(value: Any, what: str) -> float:
