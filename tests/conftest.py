@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import string
 import sys
 from pathlib import Path
@@ -37,6 +38,17 @@ def char_tokenizer(with_pad: bool):
     backend = Tokenizer(BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[], unk_token="<unk>"))
     extra = {"pad_token": "<pad>"} if with_pad else {}
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", **extra)
+
+
+def load_interpreted_kernels() -> ModuleType:
+    """The Triton kernel module decorated a second time, privately, as interpreted kernels that
+    take CPU tensors; call (and launch its kernels) with ``TRITON_INTERPRET=1`` set."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    kernel_file = REPO / "fp4kv_cli" / "quant" / "kernels" / "triton_fp4.py"
+    spec = importlib.util.spec_from_file_location("_fp4kv_triton_interpreted", kernel_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _save_tiny(folder: Path, model: torch.nn.Module, with_pad: bool) -> Path:

@@ -10,23 +10,20 @@ here are reused by ``tests/test_kernels_gpu.py`` at larger sizes.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from conftest import load_interpreted_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fp4kv_cli
 from fp4kv_cli.quant import backend as backend_module
 from fp4kv_cli.quant.backend import BackendUnavailableError, TorchBackend
 from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX
 from fp4kv_cli.quant.kernels import FlashInferBackend, TritonBackend
 
-KERNEL_FILE = Path(fp4kv_cli.__file__).parent / "quant" / "kernels" / "triton_fp4.py"
 FORMATS = ("nvfp4", "blockfp4")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Exact E2M1 rounding ties (in units of the block scale).
@@ -38,15 +35,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:invalid value encountered:RuntimeWarning",
     "ignore:divide by zero encountered:RuntimeWarning",
 )
-
-
-def load_interpreted_kernels() -> ModuleType:
-    """``triton_fp4`` decorated as a private module; call with ``TRITON_INTERPRET=1`` set."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    spec = importlib.util.spec_from_file_location("_fp4kv_triton_interpreted", KERNEL_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- inputs -------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class AnalyzeSettings:
     format: str = "nvfp4"
     upgrade: str = "fp8"
     budget: float = 0.6
-    kl_budget: float = 0.01
+    kl_budget: float = 0.001
     samples: int = 8
     per_head: bool = True
     device: str = "auto"

@@ -28,7 +28,7 @@ def analyze(
     ] = 0.6,
     kl_budget: Annotated[
         float, typer.Option("--kl-budget", help="Tensors whose lone KL is at most this stay in --format.")
-    ] = 0.01,
+    ] = 0.001,
     samples: Annotated[
         int, typer.Option("--samples", help="GSM8K test questions (5-shot prompt + gold answer).")
     ] = 8,

@@ -20,7 +20,12 @@ TABLE_WIDTH = 170
 def gsm8k(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file or hub id.")],
     kv_dtype: Annotated[
-        str, typer.Option("--kv-dtype", help="Comma-separated KV formats: bf16, fp8, nvfp4, blockfp4.")
+        str,
+        typer.Option(
+            "--kv-dtype",
+            help="Comma-separated KV formats: bf16, fp8, nvfp4, blockfp4, and recipe "
+            "(the per-layer K/V formats of a --scales file written by fp4kv analyze --write-recipe).",
+        ),
     ] = "bf16,nvfp4",
     scales: Annotated[
         str | None,

@@ -40,7 +40,7 @@ def methods(
     for name, method_cls in KV_CACHE_METHOD_REGISTRY.items():
         method = method_cls()
         if name in FP4_KV_CACHE_QUANT_REGISTRY and shape.head_dim % method.SCALE_BLOCK_SIZE:
-            table.add_row(name, "yes", f"{method.bits_per_element:g}", "n/a", "n/a", f"head_dim % 16 != 0")
+            table.add_row(name, "yes", f"{method.bits_per_element:g}", "n/a", "n/a", "head_dim % 16 != 0")
             continue
         cell = method.compute_cell_size(shape.num_kv_heads, shape.head_dim, shape.num_layers)
         table.add_row(

@@ -36,9 +36,12 @@ from fp4kv_cli.quant.reference import as_global_scale
 _FORMAT_IDS = {"nvfp4": 0, "blockfp4": 1}
 #: Element dtypes the kernels read or write, as ``IN_KIND`` / ``OUT_KIND`` ids.
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-#: Elements one program handles (rows x blocks x 16) and its warps; measured in docs/benchmarks.md.
-TILE_ELEMENTS = 4096
-NUM_WARPS = 4
+#: Elements one program handles (rows x blocks x 16) and its warps, per kernel: the best of the
+#: H100 sweep of ``scripts/tune_fp4_kernels.py`` at 64M elements (docs/benchmarks.md).
+QUANTIZE_TILE_ELEMENTS = 1024
+QUANTIZE_WARPS = 1
+DEQUANTIZE_TILE_ELEMENTS = 4096
+DEQUANTIZE_WARPS = 4
 #: Widest row chunk, in 16-element blocks, one program covers.
 MAX_TILE_BLOCKS = 64
 
@@ -276,11 +279,11 @@ def _dequantize_kernel(
 INTERPRETED = isinstance(_quantize_kernel, InterpretedFunction)
 
 
-def _tile_shape(n_blocks: int) -> tuple[int, int]:
-    """``(ROWS, BLOCKS)`` of one program for rows of ``n_blocks`` 16-element blocks."""
+def _tile_shape(n_blocks: int, tile_elements: int) -> tuple[int, int]:
+    """``(ROWS, BLOCKS)`` of one program of ``tile_elements`` for rows of ``n_blocks`` 16-element blocks."""
     blocks = min(triton.next_power_of_2(n_blocks), MAX_TILE_BLOCKS)
     # Rows per program do not follow n_rows, so a decode step of any batch reuses one compiled kernel.
-    return max(1, TILE_ELEMENTS // (blocks * FP4_BLOCK_SIZE)), blocks
+    return max(1, tile_elements // (blocks * FP4_BLOCK_SIZE)), blocks
 
 
 def _pair_words(x: torch.Tensor) -> torch.Tensor:
@@ -410,7 +413,7 @@ class TritonBackend(TorchBackend):
             loc = loc.to(device=data_buffer.device, dtype=torch.int64).contiguous()
         words = out.view(torch.int32 if dtype != torch.float32 else torch.int64)
         n_rows, n_blocks = n * heads, half * 2 // FP4_BLOCK_SIZE
-        rows, blocks = _tile_shape(n_blocks)
+        rows, blocks = _tile_shape(n_blocks, DEQUANTIZE_TILE_ELEMENTS)
         scale_bytes = scale_buffer.view(torch.uint8)
         _dequantize_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(n_blocks, blocks))](
             data_buffer,
@@ -433,7 +436,7 @@ class TritonBackend(TorchBackend):
             SOFT_BF16=INTERPRETED,
             ROWS=rows,
             BLOCKS=blocks,
-            num_warps=NUM_WARPS,
+            num_warps=DEQUANTIZE_WARPS,
             enable_fp_fusion=False,
         )
         return out
@@ -456,7 +459,7 @@ class TritonBackend(TorchBackend):
         g = _global(fmt, global_scale, x.device)
         words = _pair_words(x)
         n_rows, n_blocks = n * heads, dim // FP4_BLOCK_SIZE
-        rows, blocks = _tile_shape(n_blocks)
+        rows, blocks = _tile_shape(n_blocks, QUANTIZE_TILE_ELEMENTS)
         scale_bytes = scales.view(torch.uint8)
         _quantize_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(n_blocks, blocks))](
             words,
@@ -478,7 +481,7 @@ class TritonBackend(TorchBackend):
             SCATTER=loc is not None,
             ROWS=rows,
             BLOCKS=blocks,
-            num_warps=NUM_WARPS,
+            num_warps=QUANTIZE_WARPS,
             enable_fp_fusion=False,
         )
 

@@ -1,0 +1,163 @@
+"""Decode speed of the quantized KV cache against transformers' ``DynamicCache``, with a profile.
+
+One batch of the eval's own prompts (lm-eval gsm8k 5-shot, left padded) is generated with a fixed
+number of new tokens (no early stop, so every variant does the same work) through:
+
+- ``dynamic``: a plain transformers ``DynamicCache`` (the issue's 185 s reference);
+- each ``--kv`` format through :class:`fp4kv_cli.cache.QuantKVCache` (``bf16`` isolates the
+  cache's own overhead from the quantization kernels).
+
+For each: wall seconds per decode step (prefill timed separately), then a ``torch.profiler`` run
+of a few steps whose top operators by device and by host time say where the time goes.
+
+usage: python scripts/bench_decode.py --model M [--kv bf16,nvfp4] [--scales S] [--batch-size 128]
+       [--new-tokens 64] [--profile-steps 8] [--out bench_decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_calibrate import machine, synchronize
+from transformers import DynamicCache
+
+from fp4kv_cli.atomic import write_json_atomic
+from fp4kv_cli.cache import QuantKVCache
+from fp4kv_cli.data import load_gsm8k
+from fp4kv_cli.evaluate.generate import left_pad, neutral_generation_defaults
+from fp4kv_cli.evaluate.gsm8k import fewshot_draws, fewshot_prompt
+from fp4kv_cli.evaluate.runner import kv_method
+from fp4kv_cli.models import cache_argument, load_model_and_tokenizer, parse_dtype, resolve_device
+from fp4kv_cli.quant.methods import KVCacheMethod
+from fp4kv_cli.quant.scales import load_scales_file
+
+TOP_OPS = 12
+
+
+def prompts(tokenizer: Any, count: int) -> list[list[int]]:
+    """Token ids of the first ``count`` GSM8K test prompts, as ``fp4kv eval gsm8k`` builds them."""
+    train, test = load_gsm8k("train"), load_gsm8k("test")
+    draws = fewshot_draws(count, len(train), 5)
+    texts = [fewshot_prompt(test[i]["question"], [train[j] for j in draws[i]]) for i in range(count)]
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def make_cache(model: Any, kv: str, dtype: torch.dtype, scales_path: str | None, capacity: int) -> Any:
+    """A fresh cache of variant ``kv`` (``dynamic`` or a format name)."""
+    if kv == "dynamic":
+        return DynamicCache(config=model.config)
+    method: KVCacheMethod = kv_method(kv, dtype)
+    scales_file = load_scales_file(scales_path) if scales_path else None
+    scales = method.load_scales(scales_file) if scales_file and method.uses_tensor_scale else None
+    offsets = KVCacheMethod.load_k_offsets(scales_file) if scales_file and kv != "bf16" else None
+    device = next(model.parameters()).device
+    if scales is not None:
+        scales = type(scales)(k=scales.k.to(device), v=scales.v.to(device))
+    return QuantKVCache.for_model(
+        model.config, method, scales, None if offsets is None else offsets.to(device), capacity
+    )
+
+
+def generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, new_tokens: int) -> None:
+    """Greedy decoding of exactly ``new_tokens`` tokens per row."""
+    if isinstance(cache, QuantKVCache):
+        cache.set_token_mask(mask)
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            **{cache_argument(model): cache},
+        )
+
+
+def timed(fn: Any, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def profile(fn: Any, device: torch.device) -> dict[str, Any]:
+    """Top operators of one call of ``fn`` by self device time and by self host time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    def top(key: str) -> list[dict[str, Any]]:
+        ranked = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:TOP_OPS]
+        return [{"op": e.key, "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in ranked]
+
+    return {
+        "device_ms": sum(getattr(e, device_key, 0) for e in events) / 1e3,
+        "host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+        "top_device": top(device_key),
+        "top_host": top("self_cpu_time_total"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kv", default="bf16,nvfp4", help="formats besides the plain DynamicCache")
+    parser.add_argument("--scales", default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="bench_decode.json")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    dtype = parse_dtype("auto", device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    neutral_generation_defaults(model)
+    ids, mask = left_pad(prompts(tokenizer, args.batch_size), tokenizer.pad_token_id, device)
+    capacity = ids.shape[1] + args.new_tokens
+    results: dict[str, Any] = {}
+    for kv in ["dynamic", *[k.strip() for k in args.kv.split(",") if k.strip()]]:
+
+        def run(steps: int, kv: str = kv) -> None:
+            generate(model, ids, mask, make_cache(model, kv, dtype, args.scales, capacity), steps)
+
+        run(2)  # warm-up: kernel compilation, allocator
+        prefill = timed(lambda: run(1), device)
+        total = timed(lambda: run(args.new_tokens), device)
+        per_step = (total - prefill) / (args.new_tokens - 1)
+        prof = profile(lambda: run(args.profile_steps), device)
+        results[kv] = {"prefill_s": prefill, "decode_ms_per_step": 1e3 * per_step, "profile": prof}
+        print(f"{kv:>8}: prefill {prefill:.3f} s, decode {1e3 * per_step:.2f} ms/step "
+              f"(profile of {args.profile_steps} steps: device {prof['device_ms']:.0f} ms, host {prof['host_ms']:.0f} ms)")  # fmt: skip
+        for label in ("top_device", "top_host"):
+            for row in prof[label][:8]:
+                print(f"    {label[4:]:>6} {row['ms']:9.2f} ms {row['calls']:6d}x {row['op'][:70]}")
+    record = {
+        "machine": machine(),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "prompt_tokens_padded": ids.shape[1],
+        "new_tokens": args.new_tokens,
+        "results": results,
+    }
+    write_json_atomic(args.out, record)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
