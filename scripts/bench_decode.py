@@ -7,16 +7,18 @@ number of new tokens (no early stop, so every variant does the same work) throug
 - each ``--kv`` format through :class:`fp4kv_cli.cache.QuantKVCache` (``bf16`` isolates the
   cache's own overhead from the quantization kernels).
 
-For each: wall seconds per decode step (prefill timed separately), then a ``torch.profiler`` run
+For each: wall seconds per decode step (prefill timed separately; median of ``--repeats``
+runs in rotating order), then a ``torch.profiler`` run
 of a few steps whose top operators by device and by host time say where the time goes.
 
 usage: python scripts/bench_decode.py --model M [--kv bf16,nvfp4] [--scales S] [--batch-size 128]
-       [--new-tokens 64] [--profile-steps 8] [--out bench_decode.json]
+       [--new-tokens 64] [--repeats 3] [--profile-steps 8] [--out bench_decode.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median kept)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
@@ -130,19 +133,32 @@ def main() -> None:
     neutral_generation_defaults(model)
     ids, mask = left_pad(prompts(tokenizer, args.batch_size), tokenizer.pad_token_id, device)
     capacity = ids.shape[1] + args.new_tokens
+    variants = ["dynamic", *[k.strip() for k in args.kv.split(",") if k.strip()]]
+
+    def run(kv: str, steps: int) -> None:
+        generate(model, ids, mask, make_cache(model, kv, dtype, args.scales, capacity), steps)
+
+    for kv in variants:
+        run(kv, 2)  # warm-up: kernel compilation, allocator
+    # Each repeat times every variant, in a rotated order, so all see the same machine load.
+    times: dict[str, list[tuple[float, float]]] = {kv: [] for kv in variants}
+    for repeat in range(args.repeats):
+        for kv in variants[repeat % len(variants) :] + variants[: repeat % len(variants)]:
+            prefill = timed(lambda kv=kv: run(kv, 1), device)
+            total = timed(lambda kv=kv: run(kv, args.new_tokens), device)
+            times[kv].append((prefill, (total - prefill) / (args.new_tokens - 1)))
     results: dict[str, Any] = {}
-    for kv in ["dynamic", *[k.strip() for k in args.kv.split(",") if k.strip()]]:
-
-        def run(steps: int, kv: str = kv) -> None:
-            generate(model, ids, mask, make_cache(model, kv, dtype, args.scales, capacity), steps)
-
-        run(2)  # warm-up: kernel compilation, allocator
-        prefill = timed(lambda: run(1), device)
-        total = timed(lambda: run(args.new_tokens), device)
-        per_step = (total - prefill) / (args.new_tokens - 1)
-        prof = profile(lambda: run(args.profile_steps), device)
-        results[kv] = {"prefill_s": prefill, "decode_ms_per_step": 1e3 * per_step, "profile": prof}
-        print(f"{kv:>8}: prefill {prefill:.3f} s, decode {1e3 * per_step:.2f} ms/step "
+    for kv in variants:
+        prefill = statistics.median(t[0] for t in times[kv])
+        per_step = statistics.median(t[1] for t in times[kv])
+        prof = profile(lambda kv=kv: run(kv, args.profile_steps), device)
+        results[kv] = {
+            "prefill_s": prefill,
+            "decode_ms_per_step": 1e3 * per_step,
+            "decode_ms_per_step_each": [1e3 * t[1] for t in times[kv]],
+            "profile": prof,
+        }
+        print(f"{kv:>8}: prefill {prefill:.3f} s, decode {1e3 * per_step:.2f} ms/step (median of {args.repeats}) "
               f"(profile of {args.profile_steps} steps: device {prof['device_ms']:.0f} ms, host {prof['host_ms']:.0f} ms)")  # fmt: skip
         for label in ("top_device", "top_host"):
             for row in prof[label][:8]:
@@ -153,6 +169,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "prompt_tokens_padded": ids.shape[1],
         "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "results": results,
     }
     write_json_atomic(args.out, record)

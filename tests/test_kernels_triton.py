@@ -152,7 +152,7 @@ def triton_backend(kernels: ModuleType) -> TorchBackend:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_random_normal_matches_reference(triton_backend: TorchBackend, fmt: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
-    # 70 rows of 4 blocks: two programs, the second one part-masked.
+    # 70 rows of 4 blocks: not a multiple of any tile's rows, so the last program is part-masked.
     x = (torch.randn(70, 64, generator=gen) * 3).to(dtype)
     check_quantize(triton_backend, fmt, x, fmt_scale(fmt, amax_scale(x)))
 
