@@ -376,20 +376,11 @@ class QuantKVCache(Cache):
                 f"scales cover {len(scales.k)} layers but the model has {num_layers}; "
                 "calibrate this model with fp4kv calibrate"
             )
-        _check_offsets(k_offsets, num_layers)
-        self.shared = _SharedState()
-        layers = [
-            QuantKVLayer(
-                method,
-                self.shared,
-                k_scale=None if scales is None else scales.k[i],
-                v_scale=None if scales is None else scales.v[i],
-                k_offset=None if k_offsets is None else k_offsets[i],
-                capacity_hint=capacity_hint,
-            )
-            for i in range(num_layers)
-        ]
-        super().__init__(layers=layers)
+        k_scales = [None] * num_layers if scales is None else list(scales.k)
+        v_scales = [None] * num_layers if scales is None else list(scales.v)
+        self._build_layers(
+            [method] * num_layers, [method] * num_layers, k_scales, v_scales, k_offsets, capacity_hint
+        )
 
     @classmethod
     def for_model(
@@ -436,23 +427,35 @@ class QuantKVCache(Cache):
                     f"recipe has {len(values)} {what} but the model has {num_layers} layers; "
                     "give one per layer (fp4kv analyze --write-recipe writes a matching file)"
                 )
-        _check_offsets(k_offsets, num_layers)
         cache = cls.__new__(cls)
-        cache.shared = _SharedState()
+        cache._build_layers(k_methods, v_methods, k_scales, v_scales, k_offsets, capacity_hint)
+        return cache
+
+    def _build_layers(
+        self,
+        k_methods: Sequence[KVCacheMethod],
+        v_methods: Sequence[KVCacheMethod],
+        k_scales: Sequence[torch.Tensor | None],
+        v_scales: Sequence[torch.Tensor | None],
+        k_offsets: torch.Tensor | None,
+        capacity_hint: int | None,
+    ) -> None:
+        """One :class:`QuantKVLayer` per entry of the (equally long) per-layer lists."""
+        _check_offsets(k_offsets, len(k_methods))
+        self.shared = _SharedState()
         layers = [
             QuantKVLayer(
                 k_methods[i],
-                cache.shared,
+                self.shared,
                 k_scale=k_scales[i],
                 v_scale=v_scales[i],
                 k_offset=None if k_offsets is None else k_offsets[i],
                 capacity_hint=capacity_hint,
                 v_method=v_methods[i],
             )
-            for i in range(num_layers)
+            for i in range(len(k_methods))
         ]
-        Cache.__init__(cache, layers=layers)
-        return cache
+        Cache.__init__(self, layers=layers)
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""

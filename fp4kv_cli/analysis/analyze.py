@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from fp4kv_cli.analysis.decompose import decompose_k
 from fp4kv_cli.analysis.recipe import Recipe, bytes_per_element, greedy_recipe
@@ -40,6 +40,7 @@ from fp4kv_cli.models import (
     parse_dtype,
     resolve_device,
 )
+from fp4kv_cli.progress import count_progress
 from fp4kv_cli.quant.methods import BF16KVMethod, FP4KVCacheQuantMethod, KVCacheMethod
 from fp4kv_cli.quant.registry import get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
@@ -132,7 +133,7 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
         run = runs[label]
         return run.spec.cache(model.config, run.k_offsets, capacity_hint)
 
-    with _progress(console) as progress:
+    with count_progress(console) as progress:
         sensitivity = _measure(model, samples, make_cache, list(runs), progress, "sensitivity runs")
         decomposition = [decompose_k(base, k).to_dict() for k in _post_rope_keys(model, samples)]
         k_sensitivity = [sensitivity[f"k{i}+c" if offsets is not None else f"k{i}"].kl for i in range(layers)]
@@ -361,13 +362,3 @@ def plot_sensitivity(path: Path, result: dict[str, Any]) -> Path:
 
 def _log_kl(kl: float) -> float:
     return math.log10(max(kl, 1e-8))
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )

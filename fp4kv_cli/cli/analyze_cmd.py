@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from fp4kv_cli.analysis.analyze import ANALYSIS_JSON, HEATMAP_PNG, AnalyzeSettings, run_analysis
-from fp4kv_cli.cli.app import app, console, err_console, guarded
+from fp4kv_cli.cli.app import DeviceOption, DtypeOption, app, console, err_console, guarded
 
 
 @app.command("analyze")
@@ -35,8 +35,8 @@ def analyze(
     per_head: Annotated[
         bool, typer.Option("--per-head/--no-per-head", help="Also one K run per (layer, KV head).")
     ] = True,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bf16, fp16, fp32.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     out: Annotated[
         str, typer.Option("--out", help="Folder for analysis.json and the heat map.")
     ] = "analysis",

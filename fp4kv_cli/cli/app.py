@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +21,10 @@ eval_app = typer.Typer(help="Accuracy with the KV cache really stored in a chose
 bench_app = typer.Typer(help="Benchmarks that print machine, versions and figures.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
+
+#: ``--device`` / ``--dtype`` of the commands that load a model to run it.
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bf16, fp16, fp32.")]
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fp4kv_cli.bench.kernels import (
@@ -20,6 +19,7 @@ from fp4kv_cli.bench.kernels import (
     write_report,
 )
 from fp4kv_cli.cli.app import bench_app, console, guarded
+from fp4kv_cli.progress import count_progress
 
 
 @bench_app.command("kernels")
@@ -54,13 +54,7 @@ def kernels(
     copy_gbps = copy_bandwidth(setup.device)
     console.print(f"device copy bandwidth: {copy_gbps:,.0f} GB/s (read + write)")
     timings: list[KernelTiming] = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with count_progress(console) as progress:
         task = progress.add_task("benchmarking", total=len(setup.cases()))
         for timing in run_kernel_bench(setup, copy_gbps):
             timings.append(timing)

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fp4kv_cli.cli.app import console, err_console, eval_app, guarded
+from fp4kv_cli.cli.app import DeviceOption, DtypeOption, console, err_console, eval_app, guarded
 from fp4kv_cli.evaluate.runner import EvalSettings, parse_kv_dtypes, run_gsm8k
 
 #: Width of the results table when output is not a terminal (logs, CI), so it is not wrapped.
@@ -51,8 +51,8 @@ def gsm8k(
         str | None,
         typer.Option("--data", help="Local GSM8K test jsonl (question/answer) instead of the shipped one."),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bf16, fp16, fp32.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     fidelity: Annotated[
         bool, typer.Option("--fidelity/--no-fidelity", help="Teacher-forced KL / top-1 / K,V error vs bf16.")
     ] = True,

@@ -14,14 +14,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from fp4kv_cli import __version__
 from fp4kv_cli.cache import QuantKVCache
@@ -47,6 +39,7 @@ from fp4kv_cli.evaluate.results import (
 )
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
+from fp4kv_cli.progress import count_progress
 from fp4kv_cli.quant.backend import get_backend
 from fp4kv_cli.quant.methods import BF16KVMethod, FP4KVCacheQuantMethod, KVCacheMethod, LayerScales
 from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY, get_kv_cache_method
@@ -205,7 +198,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
         fidelity = load_fidelity(plan.run_dir, count, settings.kv_dtypes) or {}
         if not fidelity:
             answers = [_answer_ids(tokenizer, q["answer"], settings.chat) for q in plan.questions[:count]]
-            with _progress(console) as progress:
+            with count_progress(console, remaining=True) as progress:
                 task = progress.add_task("fidelity (teacher-forced)", total=count)
                 fidelity = measure_fidelity(
                     model,
@@ -402,7 +395,7 @@ def _generate_all(
     done = log.load()
     order = sorted(range(len(plan.questions)), key=lambda i: -len(prompt_ids[i]))
     todo = [i for i in order if i not in done]
-    with _progress(console) as progress:
+    with count_progress(console, remaining=True) as progress:
         task = progress.add_task(
             f"gsm8k {kv}", total=len(plan.questions), completed=len(plan.questions) - len(todo)
         )
@@ -533,14 +526,3 @@ def _scale_source(method: KVCacheMethod, scales: LayerScales | None) -> str:
     if not method.uses_tensor_scale:
         return "none"
     return "calibrated" if scales is not None else "dynamic"
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
