@@ -291,28 +291,29 @@ class QuantKVLayer(CacheLayerMixin):
         return _from_rows(k, self.batch), _from_rows(v, self.batch)
 
     def _set_dynamic_scales(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Per-tensor scales of the dynamic tensors from the amax of the real (unmasked) prefill
-        tokens; no host sync."""
-        mask = self.shared.token_mask
-        tiny = torch.finfo(torch.float32).tiny
-        amax = []
-        for x in (keys, values):
-            magnitude = x.detach().abs().float()
-            if mask is not None:
-                if mask.shape != (x.shape[0], x.shape[-2]):
-                    raise ValueError(
-                        f"token mask {tuple(mask.shape)} does not match the prefill [batch, tokens] "
-                        f"{(x.shape[0], x.shape[-2])}"
-                    )
-                real = mask.to(device=x.device, dtype=torch.bool)[:, None, :, None]
-                magnitude = torch.where(real, magnitude, torch.zeros((), device=x.device))
-            amax.append(magnitude.amax().clamp(min=tiny))
+        """Per-tensor scales of the dynamic tensors (only those) from the amax of the real
+        (unmasked) prefill tokens; no host sync."""
         if self.dynamic_k:  # scale per unit amax (host floats)
             k_unit = float(self.k_method.scales_from_amax([1.0], [1.0]).k[0])
-            self.k_scale = (amax[0] * k_unit).clamp(min=tiny)
+            self.k_scale = (self._real_amax(keys) * k_unit).clamp(min=torch.finfo(torch.float32).tiny)
         if self.dynamic_v:
             v_unit = float(self.v_method.scales_from_amax([1.0], [1.0]).v[0])
-            self.v_scale = (amax[1] * v_unit).clamp(min=tiny)
+            self.v_scale = (self._real_amax(values) * v_unit).clamp(min=torch.finfo(torch.float32).tiny)
+
+    def _real_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """Amax (0-dim float32, at least the smallest normal) of ``x [batch, heads, T, dim]`` over
+        the tokens the shared token mask marks real."""
+        mask = self.shared.token_mask
+        magnitude = x.detach().abs().float()
+        if mask is not None:
+            if mask.shape != (x.shape[0], x.shape[-2]):
+                raise ValueError(
+                    f"token mask {tuple(mask.shape)} does not match the prefill [batch, tokens] "
+                    f"{(x.shape[0], x.shape[-2])}"
+                )
+            real = mask.to(device=x.device, dtype=torch.bool)[:, None, :, None]
+            magnitude = torch.where(real, magnitude, torch.zeros((), device=x.device))
+        return magnitude.amax().clamp(min=torch.finfo(torch.float32).tiny)
 
     def _track_error(
         self, write: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor, original_k: torch.Tensor

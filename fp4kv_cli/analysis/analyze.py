@@ -88,7 +88,7 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
     samples = teacher_forced_samples(tokenizer, settings.samples, NUM_FEWSHOT)
     offsets = k_offsets_for(scales_file, shape)
     offsets = None if offsets is None else offsets.to(device)
-    base = get_kv_cache_method(settings.format)
+    base = kv_method(settings.format, dtype)
     amax = _Amax.of(scales_file)
     layers, heads = shape.num_layers, shape.num_kv_heads
 
@@ -147,7 +147,7 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
         )
         k_amax = amax.k if offsets is not None else amax.k_raw
         all_base, all_upgrade = f"all-{settings.format}", f"all-{settings.upgrade}"
-        upgrade = get_kv_cache_method(settings.upgrade)
+        upgrade = kv_method(settings.upgrade, dtype)
         runs = {
             "recipe": _Run(
                 RecipeSpec.from_methods(
@@ -178,9 +178,7 @@ class _Amax:
 
     @classmethod
     def of(cls, scales_file: ScalesFile) -> _Amax:
-        entries = zip(scales_file.data["layers"], scales_file.layers)
-        raw = [float(entry.get("k_amax_raw", layer.k_amax)) for entry, layer in entries]
-        return cls(scales_file.k_amax(), raw, scales_file.v_amax())
+        return cls(scales_file.k_amax(), scales_file.k_amax_raw(), scales_file.v_amax())
 
 
 def _check(settings: AnalyzeSettings) -> tuple[ScalesFile, KVShape]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fp4kv_cli.atomic import write_json_atomic
+from fp4kv_cli.atomic import atomic_path, write_json_atomic
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.fidelity import Fidelity
 
@@ -165,8 +165,7 @@ def plot_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     fig.suptitle(f"{summary['model']}: GSM8K, {summary['num_questions']} questions")
     fig.tight_layout()
     path = run_dir / "summary.png"
-    tmp = run_dir / ".summary.png.tmp"
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -39,7 +39,9 @@ def load_source(path: Path, config: dict[str, Any], source_convention: str | Non
     scales.check_model(config)
     for layer in scales.layers:
         _check_heads(layer, shape, str(path))
-    raw = tuple(_raw_k_amax(entry, layer) for entry, layer in zip(scales.data["layers"], scales.layers))
+    raw = tuple(
+        None if layer.k_offset is None else amax for layer, amax in zip(scales.layers, scales.k_amax_raw())
+    )
     model = scales.data.get("model", {})
     return KVSource(path, "scales", scales.layers, raw, f"scales file {path}", dict(model))
 
@@ -88,14 +90,3 @@ def _check_heads(layer: LayerAmax, shape: KVShape, source: str) -> None:
                 f"{source}: layer {layer.index} k_offset is not [{shape.num_kv_heads}][{shape.head_dim}]; "
                 "calibrate this model with fp4kv calibrate"
             )
-
-
-def _raw_k_amax(entry: dict[str, Any], layer: LayerAmax) -> float | None:
-    """Amax of raw K for a centered layer: the calibrated ``k_amax_raw`` if recorded, else the
-    bound ``k_amax + max|k_offset|`` (|K| <= |K - offset| + |offset|)."""
-    if layer.k_offset is None:
-        return None
-    recorded = entry.get("k_amax_raw")
-    if recorded is not None and float(recorded) > 0:
-        return float(recorded)
-    return layer.k_amax + max(abs(v) for row in layer.k_offset for v in row)

@@ -110,9 +110,7 @@ def _instance(name: str) -> TorchBackend:
     if name not in _instances:
         _register_kernels()
         if name not in BACKENDS:
-            raise BackendUnavailableError(
-                f"unknown FP4KV_BACKEND {name!r}; choose one of {sorted(BACKENDS)}"
-            )
+            raise BackendUnavailableError(f"unknown FP4KV_BACKEND {name!r}; choose one of {sorted(BACKENDS)}")
         _instances[name] = BACKENDS[name]()
     return _instances[name]
 
@@ -126,9 +124,22 @@ def _register_kernels() -> None:
 
 
 def get_backend(device: torch.device | str) -> TorchBackend:
-    """The backend for tensors on ``device``: ``FP4KV_BACKEND`` if set, else the best available."""
-    device = torch.device(device)
+    """The backend for tensors on ``device``: ``FP4KV_BACKEND`` if set, else the best available.
+
+    Memoised per (device, ``FP4KV_BACKEND``): the cache calls this on every store and read.
+    """
     forced = os.environ.get("FP4KV_BACKEND", "").strip().lower()
+    key = (str(device), forced)
+    if key not in _chosen:
+        _chosen[key] = _choose(torch.device(device), forced)
+    return _chosen[key]
+
+
+#: ``get_backend``'s choices by (device, forced backend name).
+_chosen: dict[tuple[str, str], TorchBackend] = {}
+
+
+def _choose(device: torch.device, forced: str) -> TorchBackend:
     if forced:
         backend = _instance(forced)
         if not backend.supports(device):

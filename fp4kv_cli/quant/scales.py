@@ -149,6 +149,21 @@ class ScalesFile:
         """Per-layer K amax."""
         return [layer.k_amax for layer in self.layers]
 
+    def k_amax_raw(self) -> list[float]:
+        """Per-layer amax of raw (uncentered) K: ``k_amax`` for a layer without ``k_offset``;
+        for a centered one the calibrated ``k_amax_raw`` if recorded, else the bound
+        ``k_amax + max|k_offset|`` (|K| <= |K - offset| + |offset|)."""
+        raw = []
+        for entry, layer in zip(self.data["layers"], self.layers):
+            recorded = entry.get("k_amax_raw")
+            if layer.k_offset is None:
+                raw.append(layer.k_amax)
+            elif recorded is not None and float(recorded) > 0:
+                raw.append(float(recorded))
+            else:
+                raw.append(layer.k_amax + max(abs(v) for row in layer.k_offset for v in row))
+        return raw
+
     def v_amax(self) -> list[float]:
         """Per-layer V amax."""
         return [layer.v_amax for layer in self.layers]
