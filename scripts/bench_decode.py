@@ -35,7 +35,7 @@ from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.generate import left_pad, neutral_generation_defaults
-from fp4kv_cli.evaluate.gsm8k import fewshot_draws, fewshot_prompt
+from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
 from fp4kv_cli.evaluate.runner import kv_method
 from fp4kv_cli.models import cache_argument, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.quant.methods import KVCacheMethod
@@ -47,9 +47,7 @@ TOP_OPS = 12
 def prompts(tokenizer: Any, count: int) -> list[list[int]]:
     """Token ids of the first ``count`` GSM8K test prompts, as ``fp4kv eval gsm8k`` builds them."""
     train, test = load_gsm8k("train"), load_gsm8k("test")
-    draws = fewshot_draws(count, len(train), 5)
-    texts = [fewshot_prompt(test[i]["question"], [train[j] for j in draws[i]]) for i in range(count)]
-    return [tokenizer(t).input_ids for t in texts]
+    return [tokenizer(t).input_ids for t in fewshot_prompts(test[:count], train, 5)]
 
 
 def make_cache(model: Any, kv: str, dtype: torch.dtype, scales_path: str | None, capacity: int) -> Any:

@@ -57,6 +57,15 @@ def fewshot_prompt(question: str, shots: Sequence[dict[str, str]]) -> str:
     return f"{context}Question: {question}\nAnswer:"
 
 
+def fewshot_prompts(
+    questions: Sequence[dict[str, str]], train: Sequence[dict[str, str]], num_fewshot: int
+) -> list[str]:
+    """lm-eval's few-shot prompt of each of ``questions`` (the first N of the test split, in
+    order), with the train examples lm-eval draws for question i."""
+    draws = fewshot_draws(len(questions), len(train), num_fewshot)
+    return [fewshot_prompt(q["question"], [train[i] for i in shots]) for q, shots in zip(questions, draws)]
+
+
 def chat_messages(question: str) -> list[dict[str, str]]:
     """The ``--chat`` conversation: one user turn with the CoT instruction and the question."""
     return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\nQuestion: {question}"}]

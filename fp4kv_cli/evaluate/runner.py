@@ -317,11 +317,7 @@ def _prompts(settings: EvalSettings, plan: _Plan, tokenizer: Any) -> list[str]:
             )
             for q in plan.questions
         ]
-    draws = gsm8k.fewshot_draws(len(plan.questions), len(plan.train), settings.num_fewshot)
-    return [
-        gsm8k.fewshot_prompt(q["question"], [plan.train[i] for i in shots])
-        for q, shots in zip(plan.questions, draws)
-    ]
+    return gsm8k.fewshot_prompts(plan.questions, plan.train, settings.num_fewshot)
 
 
 def teacher_forced_samples(
@@ -330,10 +326,7 @@ def teacher_forced_samples(
     """``(prompt_ids, gold_answer_ids)`` of the first ``count`` GSM8K test questions with the
     lm-eval few-shot prompt, as ``eval gsm8k`` measures fidelity on them."""
     questions, train = load_gsm8k("test")[:count], load_gsm8k("train")
-    draws = gsm8k.fewshot_draws(len(questions), len(train), num_fewshot)
-    prompts = [
-        gsm8k.fewshot_prompt(q["question"], [train[i] for i in shots]) for q, shots in zip(questions, draws)
-    ]
+    prompts = gsm8k.fewshot_prompts(questions, train, num_fewshot)
     answers = [_answer_ids(tokenizer, q["answer"], False) for q in questions]
     return list(zip(_encode(tokenizer, prompts, False), answers))
 
