@@ -31,7 +31,14 @@ from fp4kv_cli.atomic import atomic_path, write_json_atomic
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.fidelity import Fidelity, measure_fidelity
-from fp4kv_cli.evaluate.runner import REFERENCE, RecipeSpec, k_offsets_for, kv_method, teacher_forced_samples
+from fp4kv_cli.evaluate.runner import (
+    REFERENCE,
+    RecipeSpec,
+    k_offsets_for,
+    kv_method,
+    recipe_spec,
+    teacher_forced_samples,
+)
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import (
     DTYPE_NAMES,
@@ -41,7 +48,7 @@ from fp4kv_cli.models import (
     resolve_device,
 )
 from fp4kv_cli.progress import count_progress
-from fp4kv_cli.quant.methods import BF16KVMethod, FP4KVCacheQuantMethod, KVCacheMethod
+from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod
 from fp4kv_cli.quant.registry import get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
 
@@ -149,16 +156,7 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
         all_base, all_upgrade = f"all-{settings.format}", f"all-{settings.upgrade}"
         upgrade = kv_method(settings.upgrade, dtype)
         runs = {
-            "recipe": _Run(
-                RecipeSpec.from_methods(
-                    [kv_method(f, dtype) for f in recipe.k],
-                    [kv_method(f, dtype) for f in recipe.v],
-                    k_amax,
-                    amax.v,
-                    device,
-                ),
-                offsets,
-            ),
+            "recipe": _Run(recipe_spec(recipe.k, recipe.v, k_amax, amax.v, dtype, device), offsets),
             all_base: uniform(lambda _: base, lambda _: base, k_amax, offsets),
             all_upgrade: uniform(lambda _: upgrade, lambda _: upgrade, k_amax, offsets),
         }
@@ -198,8 +196,7 @@ def _check(settings: AnalyzeSettings) -> tuple[ScalesFile, KVShape]:
     config = load_config_dict(settings.model)
     shape = KVShape.from_config(config)
     for method in (base, upgrade):
-        if isinstance(method, FP4KVCacheQuantMethod):
-            method.check_head_dim(shape.head_dim)
+        method.check_head_dim(shape.head_dim)
     scales_file = load_scales_file(settings.scales)
     scales_file.check_model(config)
     if settings.write_recipe is not None and Path(settings.write_recipe).is_dir():

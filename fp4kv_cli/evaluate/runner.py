@@ -41,7 +41,7 @@ from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.progress import count_progress
 from fp4kv_cli.quant.backend import get_backend
-from fp4kv_cli.quant.methods import BF16KVMethod, FP4KVCacheQuantMethod, KVCacheMethod, LayerScales
+from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod, LayerScales
 from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY, get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
 
@@ -255,8 +255,7 @@ def _plan(settings: EvalSettings) -> _Plan:
         formats += recipe[0] + recipe[1]
     for kv in dict.fromkeys(formats):
         method = get_kv_cache_method(kv)
-        if isinstance(method, FP4KVCacheQuantMethod):
-            method.check_head_dim(shape.head_dim)
+        method.check_head_dim(shape.head_dim)
     questions = load_gsm8k("test", settings.data)[: settings.limit]
     train = load_gsm8k("train")
     run_dir = prepare_run_dir(

@@ -110,6 +110,10 @@ class KVCacheMethod(ABC):
         ``kv_size`` is the number of cached tensors per layer (2: K and V).
         """
 
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise :class:`FP4KVError` if this format cannot store heads of ``head_dim`` (any
+        ``head_dim`` is fine unless a format says otherwise)."""
+
     def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales | None:
         """Per-layer scales this method uses for the given amax (None if it uses none)."""
         return None
@@ -130,7 +134,9 @@ class KVCacheMethod(ABC):
         if all(o is None for o in offsets):
             return None
         if any(o is None for o in offsets):
-            raise FP4KVError("scales file has k_offset for some layers only; re-run fp4kv calibrate --center-k")
+            raise FP4KVError(
+                "scales file has k_offset for some layers only; re-run fp4kv calibrate --center-k"
+            )
         return torch.tensor(offsets, dtype=torch.float32)
 
 
@@ -159,7 +165,9 @@ class FP4KVCacheQuantMethod(KVCacheMethod):
         self.check_head_dim(head_dim)
 
         def make(width: int) -> list[torch.Tensor]:
-            return [torch.zeros(size, head_num, width, dtype=torch.uint8, device=device) for _ in range(layer_num)]
+            return [
+                torch.zeros(size, head_num, width, dtype=torch.uint8, device=device) for _ in range(layer_num)
+            ]
 
         return {
             "k_buffer": make(head_dim // 2),
@@ -306,7 +314,10 @@ class BF16KVMethod(KVCacheMethod):
         self, size: int, head_num: int, head_dim: int, layer_num: int, device: torch.device | str
     ) -> Buffers:
         def make() -> list[torch.Tensor]:
-            return [torch.zeros(size, head_num, head_dim, dtype=self.dtype, device=device) for _ in range(layer_num)]
+            return [
+                torch.zeros(size, head_num, head_dim, dtype=self.dtype, device=device)
+                for _ in range(layer_num)
+            ]
 
         return {"k_buffer": make(), "v_buffer": make(), "k_scale_buffer": [], "v_scale_buffer": []}
 
