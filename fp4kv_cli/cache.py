@@ -151,6 +151,10 @@ class QuantKVLayer(CacheLayerMixin):
         self.length = 0
         self.track_error = False
         self.error_stats: _ErrorStats | None = None
+        #: Set by :meth:`QuantKVCache.set_fused_decode`: decode steps of a layer it accepts return
+        #: no K/V, and ``fused_decode`` tells the attention function to read the buffers itself.
+        self.fuse_if: Callable[[QuantKVLayer], bool] | None = None
+        self.fused_decode = False
 
     # ----------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -188,12 +192,19 @@ class QuantKVLayer(CacheLayerMixin):
             self._track_error(write, flat_k, flat_v, key_states)
         self.length = start + new
         if new == 1:
+            self.fused_decode = self.fuse_if is not None and self.fuse_if(self)
+            if self.fused_decode:  # the attention kernel reads the buffers (fp4kv_cli.fused_attention)
+                return key_states, value_states
             return self._read(self.length)
         fresh_k = keys.to(self.dtype)
         if start == 0:
             return fresh_k, value_states
         past_k, past_v = self._read(start)
         return torch.cat([past_k, fresh_k], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token's K and V ``[batch, heads, length, head_dim]``, dequantized."""
+        return self._read(self.length)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of the mask for ``query_length`` new tokens."""
@@ -457,6 +468,14 @@ class QuantKVCache(Cache):
             for i in range(len(k_methods))
         ]
         Cache.__init__(self, layers=layers)
+
+    def set_fused_decode(self, predicate: Callable[[QuantKVLayer], bool] | None) -> None:
+        """From now on, a decode step of a layer for which ``predicate(layer)`` holds stores its
+        token and returns no K/V: the attention function reads the buffers itself (see
+        :func:`fp4kv_cli.fused_attention.fused_decode`). None restores the gather read."""
+        for layer in self.layers:
+            layer.fuse_if = predicate
+            layer.fused_decode = False
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""

@@ -5,13 +5,14 @@ number of new tokens (no early stop, so every variant does the same work) throug
 
 - ``dynamic``: a plain transformers ``DynamicCache`` (the issue's 185 s reference);
 - each ``--kv`` format through :class:`fp4kv_cli.cache.QuantKVCache` (``bf16`` isolates the
-  cache's own overhead from the quantization kernels).
+  cache's own overhead from the quantization kernels), read by the fused decode-attention
+  kernel (``<kv>``) and, with ``--gather``, also by dequantize + SDPA (``<kv>-gather``).
 
 For each: wall seconds per decode step (prefill timed separately; median of ``--repeats``
 runs in rotating order), then a ``torch.profiler`` run
 of a few steps whose top operators by device and by host time say where the time goes.
 
-usage: python scripts/bench_decode.py --model M [--kv bf16,nvfp4] [--scales S] [--batch-size 128]
+usage: python scripts/bench_decode.py --model M [--kv bf16,nvfp4] [--gather] [--scales S] [--batch-size 128]
        [--new-tokens 64] [--repeats 3] [--profile-steps 8] [--out bench_decode.json]
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from contextlib import nullcontext
 import sys
 import time
 from pathlib import Path
@@ -37,11 +39,14 @@ from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.generate import left_pad, neutral_generation_defaults
 from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
 from fp4kv_cli.evaluate.runner import kv_method
+from fp4kv_cli.fused_attention import fused_decode
 from fp4kv_cli.models import cache_argument, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.quant.methods import KVCacheMethod
 from fp4kv_cli.quant.scales import load_scales_file
 
 TOP_OPS = 12
+#: Suffix of the variants that read the cache by dequantize + SDPA instead of the fused kernel.
+GATHER = "-gather"
 
 
 def prompts(tokenizer: Any, count: int) -> list[list[int]]:
@@ -51,7 +56,8 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
 
 
 def make_cache(model: Any, kv: str, dtype: torch.dtype, scales_path: str | None, capacity: int) -> Any:
-    """A fresh cache of variant ``kv`` (``dynamic`` or a format name)."""
+    """A fresh cache of variant ``kv`` (``dynamic`` or a format name, ``-gather`` suffix ignored)."""
+    kv = kv.removesuffix(GATHER)
     if kv == "dynamic":
         return DynamicCache(config=model.config)
     method: KVCacheMethod = kv_method(kv, dtype)
@@ -66,11 +72,11 @@ def make_cache(model: Any, kv: str, dtype: torch.dtype, scales_path: str | None,
     )
 
 
-def generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, new_tokens: int) -> None:
-    """Greedy decoding of exactly ``new_tokens`` tokens per row."""
+def generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, new_tokens: int, fused: bool) -> None:
+    """Greedy decoding of exactly ``new_tokens`` tokens per row (fused decode attention if ``fused``)."""
     if isinstance(cache, QuantKVCache):
         cache.set_token_mask(mask)
-    with torch.inference_mode():
+    with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext():
         model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -116,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--kv", default="bf16,nvfp4", help="formats besides the plain DynamicCache")
+    parser.add_argument("--gather", action="store_true", help="also time each format's dequantize + SDPA read")
     parser.add_argument("--scales", default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -131,10 +138,12 @@ def main() -> None:
     neutral_generation_defaults(model)
     ids, mask = left_pad(prompts(tokenizer, args.batch_size), tokenizer.pad_token_id, device)
     capacity = ids.shape[1] + args.new_tokens
-    variants = ["dynamic", *[k.strip() for k in args.kv.split(",") if k.strip()]]
+    formats = [k.strip() for k in args.kv.split(",") if k.strip()]
+    variants = ["dynamic", *formats, *([f + GATHER for f in formats] if args.gather else [])]
 
     def run(kv: str, steps: int) -> None:
-        generate(model, ids, mask, make_cache(model, kv, dtype, args.scales, capacity), steps)
+        cache = make_cache(model, kv, dtype, args.scales, capacity)
+        generate(model, ids, mask, cache, steps, fused=not kv.endswith(GATHER))
 
     for kv in variants:
         run(kv, 2)  # warm-up: kernel compilation, allocator

@@ -40,13 +40,24 @@ def char_tokenizer(with_pad: bool):
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", **extra)
 
 
-def load_interpreted_kernels() -> ModuleType:
-    """The Triton kernel module decorated a second time, privately, as interpreted kernels that
-    take CPU tensors; call (and launch its kernels) with ``TRITON_INTERPRET=1`` set."""
+def load_interpreted_kernels(name: str = "triton_fp4") -> ModuleType:
+    """The Triton kernel module ``fp4kv_cli/quant/kernels/<name>.py`` decorated a second time,
+    privately, as interpreted kernels that take CPU tensors (its imports of the FP4 helpers
+    resolve to an interpreted copy too); call (and launch its kernels) with ``TRITON_INTERPRET=1``."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    kernel_file = REPO / "fp4kv_cli" / "quant" / "kernels" / "triton_fp4.py"
-    spec = importlib.util.spec_from_file_location("_fp4kv_triton_interpreted", kernel_file)
+    helpers = _exec_private("triton_fp4")
+    if name == "triton_fp4":
+        return helpers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "fp4kv_cli.quant.kernels.triton_fp4", helpers)
+        return _exec_private(name)
+
+
+def _exec_private(name: str) -> ModuleType:
+    kernel_file = REPO / "fp4kv_cli" / "quant" / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_fp4kv_{name}_interpreted", kernel_file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 

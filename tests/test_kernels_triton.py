@@ -10,6 +10,7 @@ here are reused by ``tests/test_kernels_gpu.py`` at larger sizes.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -29,6 +30,19 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Exact E2M1 rounding ties (in units of the block scale).
 TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+#: Quantize launch variants (constants of the kernel module): every combination of the flags that
+#: change the kernel's code path (a persistent grid of 2 programs: several row tiles each on CPU,
+#: where the interpreter counts one SM), then each PTX cache hint the tuning sweep tries, which the
+#: interpreter only checks for validity.
+QUANTIZE_VARIANTS = [
+    {"QUANTIZE_WIDE_STORE": wide, "QUANTIZE_WHOLE_LOAD": whole, "QUANTIZE_PROGRAMS_PER_SM": programs,
+     "QUANTIZE_STAGES": 2 if programs else 1}
+    for wide, whole, programs in itertools.product((False, True), (False, True), (0, 2))
+] + [
+    {"QUANTIZE_WIDE_STORE": True, "QUANTIZE_WHOLE_LOAD": True, name: value}
+    for name, value in (("QUANTIZE_LOAD_CACHE", ".cg"), ("QUANTIZE_LOAD_EVICT", "evict_first"),
+                        ("QUANTIZE_STORE_CACHE", ".cs"))
+]  # fmt: skip
 # The interpreter runs the kernels in numpy, which warns where IEEE arithmetic overflows on purpose.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:overflow encountered:RuntimeWarning",
@@ -247,6 +261,92 @@ def test_fused_store_and_gather_scattered_slots(
             triton_backend.dequantize_gather(fmt, data, scales, where, g, dtype),
             TorchBackend().dequantize_gather(fmt, data, scales, where, g, dtype),
         )
+
+
+def _variant_id(variant: dict[str, object]) -> str:
+    return "-".join(f"{name.removeprefix('QUANTIZE_').lower()}={value}" for name, value in variant.items())
+
+
+@pytest.fixture(params=QUANTIZE_VARIANTS, ids=_variant_id)
+def variant_backend(kernels: ModuleType, request: pytest.FixtureRequest) -> Iterator[TorchBackend]:
+    """The interpreted backend with one quantize launch variant's constants set."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in request.param.items():
+            assert hasattr(kernels, name)
+            patch.setattr(kernels, name, value)
+        yield kernels.TritonBackend()
+
+
+def variant_cases() -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """``(fmt, x, g)``: exact ties, the special rows under every global scale (saturation, -0,
+    subnormals, +-inf), E4M3 subnormal and zero scales, masked tiles and two column programs."""
+    gen = torch.Generator().manual_seed(6)
+    for dtype in DTYPES:
+        ties = tie_blocks(8, 4, gen).to(dtype)
+        special = special_rows().to(dtype)
+        yield "blockfp4", ties, None
+        yield "nvfp4", ties, torch.tensor(1.0)
+        yield "blockfp4", special, None
+        for g in global_scales(special):
+            yield "nvfp4", special, g
+    magnitude = torch.pow(2.0, torch.empty(16, 4, 1).uniform_(-13, -4, generator=gen))
+    yield "nvfp4", (torch.randn(16, 4, 16, generator=gen) * magnitude).reshape(16, 64), torch.tensor(1.0)
+    for shape in ((70, 64), (2, 16 * 65)):
+        x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+        for fmt in FORMATS:
+            yield fmt, x, fmt_scale(fmt, amax_scale(x))
+
+
+def test_quantize_variant_matches_reference(variant_backend: TorchBackend) -> None:
+    reference = TorchBackend()
+    for fmt, x, g in variant_cases():
+        got_packed, got_scales = variant_backend.quantize(fmt, x, g)
+        want_packed, want_scales = reference.quantize(fmt, x, g)
+        assert torch.equal(got_scales, want_scales), f"{fmt} {x.dtype} scale bytes differ"
+        assert torch.equal(got_packed, want_packed), f"{fmt} {x.dtype} packed bytes differ"
+
+
+class LaunchRecorder:
+    """Stands in for a kernel: records each launch's keyword arguments, then launches the kernel."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel = kernel
+        self.launches: list[dict[str, object]] = []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        def launch(*args: object, **kwargs: object) -> None:
+            self.launches.append(kwargs)
+            self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["int64-view", "byte-fallback"])
+def test_quantize_variant_stores_at_scattered_slots(
+    variant_backend: TorchBackend, kernels: ModuleType, monkeypatch: pytest.MonkeyPatch, aligned: bool
+) -> None:
+    """Fused store into buffer rows an int64 view can address, and into rows 4 bytes off 8-byte
+    alignment, where the wide store falls back to byte stores: bytes equal the reference."""
+    gen = torch.Generator().manual_seed(7)
+    tokens, heads, dim, slots = 6, 3, 48, 16
+    x = (torch.randn(tokens, heads, dim + 16, generator=gen) * 2).to(torch.bfloat16)[:, :, 8 : 8 + dim]
+    loc = torch.randperm(slots, generator=gen)[:tokens]
+    offset = 0 if aligned else 4
+    start_data = torch.randint(0, 256, (slots, heads, offset + dim // 2), generator=gen, dtype=torch.uint8)
+    start_scales = torch.randint(0, 256, (slots, heads, dim // 16), generator=gen, dtype=torch.uint8)
+    recorder = LaunchRecorder(kernels._quantize_kernel)
+    monkeypatch.setattr(kernels, "_quantize_kernel", recorder)
+    for fmt in FORMATS:
+        g = fmt_scale(fmt, amax_scale(x))
+        buffers = []
+        for backend in (variant_backend, TorchBackend()):
+            data, scales = start_data.clone()[:, :, offset:], start_scales.clone()
+            backend.quantize_and_store(fmt, data, scales, loc, x, g)
+            buffers.append((data, scales))
+        assert torch.equal(buffers[0][0], buffers[1][0]), f"{fmt} packed bytes differ"
+        assert torch.equal(buffers[0][1], buffers[1][1]), f"{fmt} scale bytes differ"
+    wide = aligned and kernels.QUANTIZE_WIDE_STORE
+    assert [launch["WIDE_STORE"] for launch in recorder.launches] == [wide] * len(FORMATS)
 
 
 def test_nvfp4_needs_global_scale(triton_backend: TorchBackend) -> None:

@@ -66,6 +66,14 @@ def gsm8k(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue a killed run, skipping finished questions.")
     ] = False,
+    decode_attention: Annotated[
+        str,
+        typer.Option(
+            "--decode-attention",
+            help="fused: decode steps attend straight from the FP4/FP8/bf16 buffers with the Triton kernel "
+            "(GPU); gather: dequantize the prefix, then SDPA (the CPU path).",
+        ),
+    ] = "fused",
 ) -> None:
     """GSM8K (lm-eval gsm8k prompt and scoring) with the KV cache really stored in each format."""
     settings = EvalSettings(
@@ -85,6 +93,7 @@ def gsm8k(
         out=out,
         run_name=run_name,
         resume=resume,
+        decode_attention=decode_attention.strip().lower(),
     )
     summary = run_gsm8k(settings, err_console)
     table = summary_table(summary)

@@ -9,6 +9,7 @@ the cache so padding never enters dynamic scales.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from transformers import GenerationConfig, StopStringCriteria
 
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.evaluate.gsm8k import cut_at_stop
+from fp4kv_cli.fused_attention import fused_decode
 from fp4kv_cli.models import cache_argument
 
 
@@ -91,13 +93,19 @@ def generate_batch(
     cache: QuantKVCache,
     config: GenerationConfig,
     stops: Sequence[str],
+    fused: bool = True,
 ) -> list[Continuation]:
-    """Greedy continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch)."""
+    """Greedy continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch).
+
+    ``fused``: decode steps attend straight from the cache's buffers with the decode-attention
+    kernel where it runs (:func:`fp4kv_cli.fused_attention.fused_decode`), instead of reading
+    the prefix back as dequantized tensors and running SDPA.
+    """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     cache.set_token_mask(attention_mask)
     extra = {"tokenizer": tokenizer} if config.stop_strings else {}
-    with torch.inference_mode():
+    with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

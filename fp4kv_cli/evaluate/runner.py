@@ -37,6 +37,7 @@ from fp4kv_cli.evaluate.results import (
     save_fidelity,
     write_summary,
 )
+from fp4kv_cli.fused_attention import decode_read
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.progress import count_progress
@@ -49,6 +50,8 @@ from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
 REFERENCE = "bf16"
 #: KV dtype name for the per-layer formats of the scales file.
 RECIPE = "recipe"
+#: How decode steps read the cache: the fused kernel (where it runs) or dequantized copies + SDPA.
+DECODE_ATTENTION = ("fused", "gather")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class EvalSettings:
     out: str = "results"
     run_name: str | None = None
     resume: bool = False
+    decode_attention: str = "fused"
 
 
 def parse_kv_dtypes(text: str) -> tuple[str, ...]:
@@ -219,7 +223,9 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             plan,
             prompt_ids,
             settings,
-            lambda ids, hint, kv=kv: _run_batch(model, tokenizer, ids, make_cache(kv, hint), config, stops),
+            lambda ids, hint, kv=kv: _run_batch(
+                model, tokenizer, ids, make_cache(kv, hint), config, stops, settings.decode_attention == "fused"
+            ),
         )
     summary = _summary(settings, plan, device, dtype, methods, scales, records, fidelity, prompts[0])
     summary["wall_seconds"] = time.perf_counter() - started
@@ -235,6 +241,10 @@ def _plan(settings: EvalSettings) -> _Plan:
                           ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
         if value <= 0:
             raise FP4KVError(f"{option} must be > 0, got {value}")
+    if settings.decode_attention not in DECODE_ATTENTION:
+        raise FP4KVError(
+            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
+        )
     if settings.num_fewshot < 0:
         raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
@@ -356,16 +366,18 @@ def _run_batch(
     cache: QuantKVCache,
     config: Any,
     stops: Sequence[str],
+    fused: bool,
 ) -> tuple[list[Continuation], dict[str, Any]]:
     cuda = next(model.parameters()).device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    continuations = generate_batch(model, tokenizer, ids, cache, config, stops)
+    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, fused)
     seconds = time.perf_counter() - start
     stats = {
         "seconds": seconds,
+        "decode_attention": decode_read(cache, fused),
         "kv_bytes_per_token": cache.bytes_per_token(),
         "kv_stored_bytes": cache.stored_bytes(),
         "kv_capacity_bytes": cache.capacity_bytes(),
@@ -432,6 +444,7 @@ def _record(
         "kv_stored_bytes": stats["kv_stored_bytes"],
         "kv_capacity_bytes": stats["kv_capacity_bytes"],
         "peak_gpu_bytes": stats["peak_gpu_bytes"],
+        "decode_attention": stats["decode_attention"],
     }
 
 
@@ -482,6 +495,7 @@ def _summary(
             "max_kv_capacity_bytes": max(r["kv_capacity_bytes"] for r in rows),
             "max_kv_stored_bytes": max(r["kv_stored_bytes"] for r in rows),
             "peak_gpu_bytes": max(peaks) if peaks else None,
+            "decode_attention": sorted({r.get("decode_attention", "gather") for r in rows}),
             "fidelity": fidelity[kv].to_dict() if kv in fidelity else None,
         }
         if kv == RECIPE:

@@ -40,6 +40,18 @@ _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: H100 sweep of ``scripts/tune_fp4_kernels.py`` at 64M elements (docs/benchmarks.md).
 QUANTIZE_TILE_ELEMENTS = 1024
 QUANTIZE_WARPS = 1
+#: Quantize launch variants, all writing the same bytes (``_quantize_kernel``'s WIDE_STORE,
+#: WHOLE_LOAD, cache hint, PERSISTENT and STAGES flags), swept by ``scripts/tune_fp4_kernels.py``:
+#: one int64 store of a block's 8 codes (where the buffer's rows allow an int64 view), one load of a
+#: block's 32 bytes, PTX cache hints ("": none), and a persistent grid of QUANTIZE_PROGRAMS_PER_SM
+#: programs per SM (0: one program per tile) whose loop is pipelined over QUANTIZE_STAGES stages.
+QUANTIZE_WIDE_STORE = True
+QUANTIZE_WHOLE_LOAD = True
+QUANTIZE_LOAD_CACHE = ""
+QUANTIZE_LOAD_EVICT = ""
+QUANTIZE_STORE_CACHE = ""
+QUANTIZE_PROGRAMS_PER_SM = 32
+QUANTIZE_STAGES = 3
 DEQUANTIZE_TILE_ELEMENTS = 4096
 DEQUANTIZE_WARPS = 4
 #: Widest row chunk, in 16-element blocks, one program covers.
@@ -115,11 +127,6 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def _half_bits(v, OUT_KIND: tl.constexpr, SOFT_BF16: tl.constexpr):
     """16-bit encoding (int32 0..0xFFFF) of fp32 ``v`` as bf16 (OUT_KIND 0) or fp16 (1), nearest even."""
     if OUT_KIND == 1:
@@ -168,54 +175,124 @@ def _quantize_kernel(
     SCATTER: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCKS: tl.constexpr,
+    WHOLE_LOAD: tl.constexpr = False,
+    WIDE_STORE: tl.constexpr = False,
+    LOAD_CACHE: tl.constexpr = "",
+    LOAD_EVICT: tl.constexpr = "",
+    STORE_CACHE: tl.constexpr = "",
+    PERSISTENT: tl.constexpr = False,
+    STAGES: tl.constexpr = 1,
 ):
     """Rows ``(token, head)`` of x (pair words) -> packed bytes and scale bytes, at slot ``loc[token]``
     when SCATTER else at ``token``.
 
-    Each block's 8 pair words are loaded as two halves of 4, so one thread holds a whole block:
-    the block maximum needs no shuffle and the per-block scale math runs once per block.
+    One thread holds a whole block (its 8 pair words as two halves of 4): the block maximum needs
+    no shuffle and the per-block scale math runs once per block. By default each thread loads its
+    block's two halves itself.
+
+    Launch variants, all writing the same bytes (swept by ``scripts/tune_fp4_kernels.py``):
+
+    - WHOLE_LOAD: load a block's 8 words as one ``[.., 8]`` tensor, so each load instruction reads
+      whole 32-byte sectors (two threads a block), then hand the halves to one thread (shuffles);
+    - WIDE_STORE: ``data_ptr`` is an int64 view of the packed bytes (strides in 8-byte words) and
+      a block's 8 code bytes are stored as one int64 word instead of two 4-byte stores;
+    - LOAD_CACHE / LOAD_EVICT / STORE_CACHE: PTX cache modifier and eviction policy of the input
+      loads, cache modifier of the stores (``""``: the default);
+    - PERSISTENT: the grid's first axis is a fixed number of programs that stride over the row
+      tiles, in a loop software-pipelined over STAGES stages.
     """
-    row_ok, token, head, blocks, block_ok, quad = _tile(n_rows, heads, n_blocks, ROWS, BLOCKS, 4)
-    if SCATTER:
-        slot = tl.load(loc_ptr + token, mask=row_ok, other=0).to(tl.int64)
+    if PERSISTENT:
+        # Tiles program_id(0) + i * num_programs(0) < cdiv(n_rows, ROWS); no tl.cdiv, a @jit function
+        # that an interpreted copy of this module cannot call in a compiled-mode process (CPU tests).
+        programs = tl.num_programs(0)
+        n_tiles = ((n_rows + ROWS - 1) // ROWS - tl.program_id(0) + programs - 1) // programs
     else:
-        slot = token.to(tl.int64)
-    src = x_ptr + (token.to(tl.int64) * x_stride_tok + head * x_stride_head)[:, None, None] + quad
-    mask = block_ok[:, :, None]
-    x0, x1 = _unpack_pairs(tl.load(src, mask=mask, other=0), IN_KIND)
-    x2, x3 = _unpack_pairs(tl.load(src + 4, mask=mask, other=0), IN_KIND)
-    # tl.reduce with our own combine (what tl.max does) keeps the kernel runnable by an interpreted
-    # copy of this module in a process whose triton.language was imported compiled (CPU tests).
-    pair_max = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
-    block_max = tl.reduce(pair_max, 2, _max_combine)
+        n_tiles = 1  # a constant one-trip loop: the compiler folds it away
+    for i in tl.range(0, n_tiles, num_stages=STAGES):
+        # _tile's arithmetic, for row tile program_id(0) + i * num_programs(0).
+        rows = (tl.program_id(0) + i * tl.num_programs(0)) * ROWS + tl.arange(0, ROWS)
+        blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+        row_ok = rows < n_rows
+        token = rows // heads
+        head = rows - token * heads
+        block_ok = row_ok[:, None] & (blocks < n_blocks)[None, :]
+        quad = blocks[None, :, None] * 8 + tl.arange(0, 4)[None, None, :]
+        if SCATTER:
+            slot = tl.load(loc_ptr + token, mask=row_ok, other=0).to(tl.int64)
+        else:
+            slot = token.to(tl.int64)
+        src = x_ptr + (token.to(tl.int64) * x_stride_tok + head * x_stride_head)[:, None, None]
+        mask = block_ok[:, :, None]
+        if WHOLE_LOAD:
+            octet = blocks[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+            word = tl.load(
+                src + octet, mask=mask, other=0, cache_modifier=LOAD_CACHE, eviction_policy=LOAD_EVICT
+            )
+            # [.., 8] -> [.., lane 4, half 2]: split hands each half to the thread owning the block.
+            w0, w1 = tl.split(tl.reshape(word, [ROWS, BLOCKS, 2, 4]).permute(0, 1, 3, 2))
+        else:
+            w0 = tl.load(
+                src + quad, mask=mask, other=0, cache_modifier=LOAD_CACHE, eviction_policy=LOAD_EVICT
+            )
+            w1 = tl.load(
+                src + quad + 4, mask=mask, other=0, cache_modifier=LOAD_CACHE, eviction_policy=LOAD_EVICT
+            )
+        x0, x1 = _unpack_pairs(w0, IN_KIND)
+        x2, x3 = _unpack_pairs(w1, IN_KIND)
+        # The block maximum halves the lane axis twice with tl.split, in registers (the default
+        # launch compiles to what tl.reduce gives); after WHOLE_LOAD's regrouping a reduce would let
+        # the compiler redo the unpacking in a layout that spreads the lanes over threads.
+        pair_max = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+        a, b = tl.split(tl.reshape(pair_max, [ROWS, BLOCKS, 2, 2]))
+        a, b = tl.split(tl.maximum(a, b))
+        block_max = tl.maximum(a, b)
 
-    if FMT == 0:
-        # NVFP4: sf = e4m3((1/g) * (bmax * (1/6))); r = 1 / (float(sf) * g), 0 where sf == 0.
-        g = tl.load(g_ptr)
-        u = tl.math.div_rn(1.0, g) * (block_max * 0.16666667163372040)
-        u = tl.where(u > 448.0, 448.0, u)
-        scale_byte = _e4m3_encode(u)
-        denom = _e4m3_decode(scale_byte) * g
-        r = tl.where(scale_byte != 0, tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom), 0.0)
-    else:
-        # BlockFP4: e = clamp(ceil(log2(bmax / 6)), -127, 127) with frexp semantics; r = 2^-e.
-        ratio = tl.math.div_rn(block_max, tl.full(block_max.shape, 6.0, tl.float32))
-        rb = ratio.to(tl.int32, bitcast=True)
-        biased = rb >> 23
-        normal = biased - 127 + ((rb & 0x7FFFFF) != 0).to(tl.int32)
-        subnormal = tl.where(rb > 0x00400000, -126, -127)
-        e = tl.where(biased == 0, subnormal, normal)
-        e = tl.where(rb == 0, 0, e)
-        e = tl.minimum(tl.maximum(e, -127), 127)
-        scale_byte = tl.where(block_max == 0.0, 0, e + 127)
-        r = tl.where(scale_byte == 254, 0x00400000, (254 - scale_byte) << 23).to(tl.float32, bitcast=True)
+        if FMT == 0:
+            # NVFP4: sf = e4m3((1/g) * (bmax * (1/6))); r = 1 / (float(sf) * g), 0 where sf == 0.
+            g = tl.load(g_ptr)
+            u = tl.math.div_rn(1.0, g) * (block_max * 0.16666667163372040)
+            u = tl.where(u > 448.0, 448.0, u)
+            scale_byte = _e4m3_encode(u)
+            denom = _e4m3_decode(scale_byte) * g
+            r = tl.where(scale_byte != 0, tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom), 0.0)
+        else:
+            # BlockFP4: e = clamp(ceil(log2(bmax / 6)), -127, 127) with frexp semantics; r = 2^-e.
+            ratio = tl.math.div_rn(block_max, tl.full(block_max.shape, 6.0, tl.float32))
+            rb = ratio.to(tl.int32, bitcast=True)
+            biased = rb >> 23
+            normal = biased - 127 + ((rb & 0x7FFFFF) != 0).to(tl.int32)
+            subnormal = tl.where(rb > 0x00400000, -126, -127)
+            e = tl.where(biased == 0, subnormal, normal)
+            e = tl.where(rb == 0, 0, e)
+            e = tl.minimum(tl.maximum(e, -127), 127)
+            scale_byte = tl.where(block_max == 0.0, 0, e + 127)
+            r = tl.where(scale_byte == 254, 0x00400000, (254 - scale_byte) << 23).to(tl.float32, bitcast=True)
 
-    r3 = r[:, :, None]
-    dst = data_ptr + (slot * data_stride_tok + head * data_stride_head)[:, None, None] + quad
-    tl.store(dst, _encode_pairs(x0, x1, r3).to(tl.uint8), mask=mask)
-    tl.store(dst + 4, _encode_pairs(x2, x3, r3).to(tl.uint8), mask=mask)
-    scale_dst = slot * scale_stride_tok + head * scale_stride_head
-    tl.store(scale_ptr + (scale_dst[:, None] + blocks[None, :]), scale_byte.to(tl.uint8), mask=block_ok)
+        r3 = r[:, :, None]
+        dst = slot * data_stride_tok + head * data_stride_head
+        if WIDE_STORE:
+            # Little-endian int64 whose byte j is pair j's code: merge neighbouring codes into 16-,
+            # then 32-bit values (each split halves an axis a thread holds whole: no data movement).
+            codes = tl.join(_encode_pairs(x0, x1, r3), _encode_pairs(x2, x3, r3))
+            codes = tl.reshape(codes.permute(0, 1, 3, 2), [ROWS, BLOCKS, 4, 2])
+            even, odd = tl.split(codes)
+            even, odd = tl.split(tl.reshape(even | (odd << 8), [ROWS, BLOCKS, 2, 2]))
+            low, high = tl.split(even | (odd << 16))
+            packed = low.to(tl.uint32, bitcast=True).to(tl.int64) | (high.to(tl.int64) << 32)
+            # Contiguity 1 keeps the store in the compute layout (8 threads on 8 consecutive words);
+            # inferred as 2, it would take 2 words a thread, shuffled there, stored half a sector each.
+            words = tl.max_contiguous(dst[:, None] + blocks[None, :], [1, 1])
+            tl.store(data_ptr + words, packed, mask=block_ok, cache_modifier=STORE_CACHE)
+        else:
+            dst = data_ptr + dst[:, None, None] + quad
+            # Each half is encoded right before its store: fewer live registers than encoding both first.
+            tl.store(dst, _encode_pairs(x0, x1, r3).to(tl.uint8), mask=mask, cache_modifier=STORE_CACHE)
+            tl.store(dst + 4, _encode_pairs(x2, x3, r3).to(tl.uint8), mask=mask, cache_modifier=STORE_CACHE)
+        scale_dst = slot * scale_stride_tok + head * scale_stride_head
+        scale_at = scale_dst[:, None] + blocks[None, :]
+        if WIDE_STORE:
+            scale_at = tl.max_contiguous(scale_at, [1, 1])  # as for the words: no shuffle before the store
+        tl.store(scale_ptr + scale_at, scale_byte.to(tl.uint8), mask=block_ok, cache_modifier=STORE_CACHE)
 
 
 @triton.jit
@@ -461,9 +538,21 @@ class TritonBackend(TorchBackend):
         n_rows, n_blocks = n * heads, dim // FP4_BLOCK_SIZE
         rows, blocks = _tile_shape(n_blocks, QUANTIZE_TILE_ELEMENTS)
         scale_bytes = scales.view(torch.uint8)
-        _quantize_kernel[(triton.cdiv(n_rows, rows), triton.cdiv(n_blocks, blocks))](
+        packed = data
+        # A block's 8 code bytes are one int64 word when every row starts 8-byte aligned.
+        if QUANTIZE_WIDE_STORE and data.data_ptr() % 8 == 0:
+            try:
+                packed = data.view(torch.int64)
+            except RuntimeError:  # a storage offset or row stride that is not a multiple of 8 bytes
+                pass
+        programs = triton.cdiv(n_rows, rows)
+        if QUANTIZE_PROGRAMS_PER_SM:
+            # The interpreter (CPU tensors) counts as one SM, so the CPU tests run several tiles a program.
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+            programs = min(programs, QUANTIZE_PROGRAMS_PER_SM * sms)
+        _quantize_kernel[(programs, triton.cdiv(n_blocks, blocks))](
             words,
-            data,
+            packed,
             scale_bytes,
             x if g is None else g,
             x if loc is None else loc,
@@ -472,8 +561,8 @@ class TritonBackend(TorchBackend):
             n_blocks,
             words.stride(0),
             words.stride(1),
-            data.stride(0),
-            data.stride(1),
+            packed.stride(0),
+            packed.stride(1),
             scale_bytes.stride(0),
             scale_bytes.stride(1),
             FMT=_FORMAT_IDS[fmt],
@@ -481,6 +570,13 @@ class TritonBackend(TorchBackend):
             SCATTER=loc is not None,
             ROWS=rows,
             BLOCKS=blocks,
+            WHOLE_LOAD=QUANTIZE_WHOLE_LOAD,
+            WIDE_STORE=packed is not data,
+            LOAD_CACHE=QUANTIZE_LOAD_CACHE,
+            LOAD_EVICT=QUANTIZE_LOAD_EVICT,
+            STORE_CACHE=QUANTIZE_STORE_CACHE,
+            PERSISTENT=QUANTIZE_PROGRAMS_PER_SM > 0,
+            STAGES=QUANTIZE_STAGES,
             num_warps=QUANTIZE_WARPS,
             enable_fp_fusion=False,
         )
