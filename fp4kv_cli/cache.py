@@ -151,10 +151,12 @@ class QuantKVLayer(CacheLayerMixin):
         self.length = 0
         self.track_error = False
         self.error_stats: _ErrorStats | None = None
-        #: Set by :meth:`QuantKVCache.set_fused_decode`: decode steps of a layer it accepts return
-        #: no K/V, and ``fused_decode`` tells the attention function to read the buffers itself.
+        #: Set by :meth:`QuantKVCache.set_fused_decode`: on a decode step of a layer it accepts,
+        #: ``update`` skips the read and sets ``kernel_step``, telling the attention function to
+        #: attend from the buffers itself (it clears the flag and counts ``kernel_reads``).
         self.fuse_if: Callable[[QuantKVLayer], bool] | None = None
-        self.fused_decode = False
+        self.kernel_step = False
+        self.kernel_reads = 0
 
     # ----------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -175,7 +177,9 @@ class QuantKVLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``key_states``/``value_states`` ``[batch, heads, T, head_dim]`` and return the
-        layer's K and V ``[batch, heads, length, head_dim]`` for attention."""
+        layer's K and V ``[batch, heads, length, head_dim]`` for attention (on a decode step the
+        attention kernel reads itself, see :meth:`QuantKVCache.set_fused_decode`, the inputs are
+        returned as they came, unused)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys = key_states if self.k_offset is None else key_states.float() - self.k_offset[:, None, :]
@@ -192,8 +196,8 @@ class QuantKVLayer(CacheLayerMixin):
             self._track_error(write, flat_k, flat_v, key_states)
         self.length = start + new
         if new == 1:
-            self.fused_decode = self.fuse_if is not None and self.fuse_if(self)
-            if self.fused_decode:  # the attention kernel reads the buffers (fp4kv_cli.fused_attention)
+            self.kernel_step = self.fuse_if is not None and self.fuse_if(self)
+            if self.kernel_step:  # the attention kernel reads the buffers (fp4kv_cli.fused_attention)
                 return key_states, value_states
             return self._read(self.length)
         fresh_k = keys.to(self.dtype)
@@ -201,10 +205,6 @@ class QuantKVLayer(CacheLayerMixin):
             return fresh_k, value_states
         past_k, past_v = self._read(start)
         return torch.cat([past_k, fresh_k], dim=-2), torch.cat([past_v, value_states], dim=-2)
-
-    def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stored token's K and V ``[batch, heads, length, head_dim]``, dequantized."""
-        return self._read(self.length)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of the mask for ``query_length`` new tokens."""
@@ -471,11 +471,14 @@ class QuantKVCache(Cache):
 
     def set_fused_decode(self, predicate: Callable[[QuantKVLayer], bool] | None) -> None:
         """From now on, a decode step of a layer for which ``predicate(layer)`` holds stores its
-        token and returns no K/V: the attention function reads the buffers itself (see
-        :func:`fp4kv_cli.fused_attention.fused_decode`). None restores the gather read."""
+        token and skips reading the stored K/V back: the attention function reads the buffers
+        itself (see :func:`fp4kv_cli.fused_attention.fused_decode`). None restores the gather
+        read. Setting a predicate restarts each layer's ``kernel_reads`` count."""
         for layer in self.layers:
             layer.fuse_if = predicate
-            layer.fused_decode = False
+            layer.kernel_step = False
+            if predicate is not None:
+                layer.kernel_reads = 0
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""

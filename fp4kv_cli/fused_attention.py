@@ -1,10 +1,12 @@
 """Decode steps that attend straight from a :class:`QuantKVCache`'s buffers (the fused read path).
 
-Inside :func:`fused_decode`, a transformers model runs with the ``fp4kv`` attention
-implementation: a one-token decode step of a layer whose K/V formats the Triton kernel reads
-(:mod:`fp4kv_cli.quant.kernels.decode_attention`) attends over the packed buffers directly, with
-no dequantized copy of the prefix; everything else (prefill, multi-token chunks, other caches)
-runs transformers' SDPA exactly as before. The cache still writes every token through its
+Inside :func:`fused_decode`, a transformers model that runs SDPA attention switches to the
+``fp4kv`` attention implementation: a one-token decode step of a layer whose K/V formats the
+Triton kernel reads (:mod:`fp4kv_cli.quant.kernels.decode_attention`) attends over the packed
+buffers directly, with no dequantized copy of the prefix; everything else (prefill, multi-token
+chunks, other caches, attention modules outside the decoder) runs transformers' SDPA exactly as
+before. Models on another attention implementation (eager for softcapping or attention sinks,
+flash attention ...) are left alone and keep the gather read. The cache still writes every token through its
 quant methods; only the read moves into the attention kernel, as in a serving engine.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -26,8 +29,32 @@ from fp4kv_cli.cache import QuantKVCache, QuantKVLayer
 
 #: The attention implementation name registered with transformers.
 ATTENTION_NAME = "fp4kv"
-#: The cache whose decode steps are fused, while :func:`fused_decode` is active.
-_ACTIVE: ContextVar[QuantKVCache | None] = ContextVar("fp4kv_fused_cache", default=None)
+
+
+@dataclass
+class _FusedRun:
+    """The cache whose decode steps are fused, and the last decode mask converted for the kernel
+    (every full-attention layer of a step gets the same mask tensor: convert it once per step)."""
+
+    cache: QuantKVCache
+    mask_source: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def token_mask(self, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """``[batch, length]`` bool (True = attend) of a decode step's 4D mask (bool, or additive
+        float), memoised for the step's other layers."""
+        if attention_mask is None:
+            return None
+        # Holding the source keeps it alive, so identity cannot be fooled by a reused address.
+        if attention_mask is not self.mask_source or self.mask.shape[-1] != length:
+            row = attention_mask[:, 0, -1, :length]
+            self.mask = (row if row.dtype == torch.bool else row == 0).contiguous()
+            self.mask_source = attention_mask
+        return self.mask
+
+
+#: The run whose decode steps are fused, while :func:`fused_decode` is active.
+_ACTIVE: ContextVar[_FusedRun | None] = ContextVar("fp4kv_fused_run", default=None)
 
 
 @cache
@@ -41,43 +68,34 @@ def _kernels() -> ModuleType | None:
 
 
 def fusable(layer: QuantKVLayer) -> bool:
-    """Whether the kernel can read this layer's K and V buffers on its device."""
+    """Whether the kernel can read this layer's K and V buffers (formats, dtypes, head_dim, device)."""
     kernels = _kernels()
-    if kernels is None:
-        return False
-    dim = layer.head_dim
-    return (
-        (layer.device.type == "cuda" or kernels.INTERPRETED)
-        and layer.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and layer.k_method.name in kernels.FORMAT_IDS
-        and layer.v_method.name in kernels.FORMAT_IDS
-        and 16 <= dim <= 256
-        and dim & (dim - 1) == 0
+    return kernels is not None and all(
+        kernels.can_read(method.name, buffer.dtype, layer.dtype, layer.head_dim, layer.device)
+        for method, buffer in ((layer.k_method, layer.buffers.k), (layer.v_method, layer.buffers.v))
     )
 
 
-def decode_read(cache: QuantKVCache, fused: bool) -> str:
-    """How decode steps read ``cache`` (after it was used): ``fused`` (the kernel, every layer),
-    ``gather`` (dequantized copies + SDPA) or ``fused N/M layers``."""
-    count = sum(fusable(layer) for layer in cache.layers if layer.is_initialized) if fused else 0
+def decode_read(cache: QuantKVCache) -> str:
+    """How the decode steps of the last :func:`fused_decode` block read ``cache``: ``fused``
+    (the kernel, every layer), ``gather`` (dequantized copies + SDPA) or ``fused N/M layers``."""
+    count = sum(layer.kernel_reads > 0 for layer in cache.layers)
     if count == 0:
         return "gather"
     return "fused" if count == len(cache.layers) else f"fused {count}/{len(cache.layers)} layers"
 
 
 def layer_attention(
-    layer: QuantKVLayer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    layer: QuantKVLayer, query: torch.Tensor, token_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """Attention of ``query [batch, q_heads, 1, head_dim]`` over ``layer``'s filled slots, read
-    from its buffers by the kernel; returns ``[batch, 1, q_heads, head_dim]`` as transformers'
-    attention functions do."""
+    from its buffers by the kernel, with ``token_mask [batch, length]`` bool (True = attend) or
+    None; returns ``[batch, 1, q_heads, head_dim]`` as transformers' attention functions do."""
     kernels = _kernels()
     b = layer.buffers
     k = kernels.KVSource(layer.k_method.name, b.k, b.k_scale, layer.k_scale)
     v = kernels.KVSource(layer.v_method.name, b.v, b.v_scale, layer.v_scale)
-    out = kernels.decode_attention(
-        query[:, :, 0], k, v, layer.length, layer.capacity, _token_mask(attention_mask, layer.length), scaling
-    )
+    out = kernels.decode_attention(query[:, :, 0], k, v, layer.length, layer.capacity, token_mask, scaling)
     return out.unsqueeze(1)
 
 
@@ -91,56 +109,53 @@ def fp4kv_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: the kernel for a fused decode step of the active cache,
-    SDPA for everything else (a fused layer's K/V are then read back from its buffers)."""
-    active = _ACTIVE.get()
-    layer = None if active is None else active.layers[module.layer_idx]
-    if layer is None or not layer.fused_decode or query.shape[2] != 1:
+    """transformers attention function: the kernel for a decode step whose K/V the active cache
+    left in its buffers (``kernel_step``), SDPA for everything else."""
+    run = _ACTIVE.get()
+    index = getattr(module, "layer_idx", None)
+    layer = None
+    if run is not None and isinstance(index, int) and 0 <= index < len(run.cache.layers):
+        layer = run.cache.layers[index]
+    if layer is None or not layer.kernel_step or query.shape[2] != 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    layer.kernel_step = False  # one read per stored step: a forward that skips update gets SDPA
+    layer.kernel_reads += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None and dropout == 0.0:
-        return layer_attention(layer, query, attention_mask, scale), None
-    key, value = layer.read_all()  # an attention variant the kernel does not implement
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs
-    )
+    return layer_attention(layer, query, run.token_mask(attention_mask, layer.length), scale), None
 
 
 @contextmanager
 def fused_decode(model: Any, cache: Any) -> Iterator[bool]:
     """Within this block, ``model``'s decode steps through ``cache`` attend with the kernel.
 
-    Layers whose formats, dtype or device the kernel cannot handle keep the gather path.
-    Yields whether the fused path is in use (False, and the model untouched, for caches other
-    than :class:`QuantKVCache`, models off CUDA, or where Triton is missing).
+    Layers whose formats, dtypes, head_dim or device the kernel cannot handle keep the gather
+    path. Yields whether the fused path is in use: False, with the model untouched, for caches
+    other than :class:`QuantKVCache`, models not running SDPA attention, models off CUDA, or
+    where Triton is missing.
     """
     kernels = _kernels()
     device = next(model.parameters()).device
-    if not isinstance(cache, QuantKVCache) or kernels is None or not (device.type == "cuda" or kernels.INTERPRETED):
+    previous = model.config._attn_implementation
+    if (
+        not isinstance(cache, QuantKVCache)
+        or kernels is None
+        or previous != "sdpa"
+        or not (device.type == "cuda" or kernels.INTERPRETED)
+    ):
         yield False
         return
     _register()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    token = _ACTIVE.set(cache)
+    token = _ACTIVE.set(_FusedRun(cache))
     cache.set_fused_decode(fusable)
     try:
+        model.set_attn_implementation(ATTENTION_NAME)
         yield True
     finally:
+        model.set_attn_implementation(previous)
         cache.set_fused_decode(None)
         _ACTIVE.reset(token)
-        model.set_attn_implementation(previous)
-
-
-def _token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """``[batch, length]`` bool (True = attend) of a decode step's 4D mask (bool, or additive float)."""
-    if attention_mask is None:
-        return None
-    row = attention_mask[:, 0, -1, :length]
-    keep = row if row.dtype == torch.bool else row == 0
-    return keep.contiguous()
 
 
 @cache

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from contextlib import nullcontext
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_calibrate import machine, synchronize
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.cache import QuantKVCache
@@ -72,7 +72,26 @@ def make_cache(model: Any, kv: str, dtype: torch.dtype, scales_path: str | None,
     )
 
 
-def generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, new_tokens: int, fused: bool) -> None:
+class ProfilerStep(StoppingCriteria):
+    """Advances a ``torch.profiler`` schedule after every forward of ``generate`` (never stops it)."""
+
+    def __init__(self, prof: torch.profiler.profile) -> None:
+        self.prof = prof
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.prof.step()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+    new_tokens: int,
+    fused: bool,
+    stopping: StoppingCriteriaList | None = None,
+) -> None:
     """Greedy decoding of exactly ``new_tokens`` tokens per row (fused decode attention if ``fused``)."""
     if isinstance(cache, QuantKVCache):
         cache.set_token_mask(mask)
@@ -83,6 +102,7 @@ def generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any, new_
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
+            stopping_criteria=stopping,
             **{cache_argument(model): cache},
         )
 
@@ -95,13 +115,15 @@ def timed(fn: Any, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def profile(fn: Any, device: torch.device) -> dict[str, Any]:
-    """Top operators of one call of ``fn`` by self device time and by self host time."""
+def profile(fn: Any, device: torch.device, steps: int) -> dict[str, Any]:
+    """Top operators of ``steps`` decode steps of ``fn(stopping_criteria)`` (the prefill and the
+    first decode step are skipped by the profiler's schedule) by self device and host time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
+    schedule = torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+        fn(StoppingCriteriaList([ProfilerStep(prof)]))
         synchronize(device)
     events = prof.key_averages()
     device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -131,6 +153,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the decode time is total minus prefill)")
 
     device = resolve_device(args.device)
     dtype = parse_dtype("auto", device)
@@ -141,9 +165,9 @@ def main() -> None:
     formats = [k.strip() for k in args.kv.split(",") if k.strip()]
     variants = ["dynamic", *formats, *([f + GATHER for f in formats] if args.gather else [])]
 
-    def run(kv: str, steps: int) -> None:
+    def run(kv: str, steps: int, stopping: StoppingCriteriaList | None = None) -> None:
         cache = make_cache(model, kv, dtype, args.scales, capacity)
-        generate(model, ids, mask, cache, steps, fused=not kv.endswith(GATHER))
+        generate(model, ids, mask, cache, steps, not kv.endswith(GATHER), stopping)
 
     for kv in variants:
         run(kv, 2)  # warm-up: kernel compilation, allocator
@@ -158,7 +182,7 @@ def main() -> None:
     for kv in variants:
         prefill = statistics.median(t[0] for t in times[kv])
         per_step = statistics.median(t[1] for t in times[kv])
-        prof = profile(lambda kv=kv: run(kv, args.profile_steps), device)
+        prof = profile(lambda stopping, kv=kv: run(kv, args.profile_steps + 3, stopping), device, args.profile_steps)
         results[kv] = {
             "prefill_s": prefill,
             "decode_ms_per_step": 1e3 * per_step,
@@ -166,7 +190,7 @@ def main() -> None:
             "profile": prof,
         }
         print(f"{kv:>8}: prefill {prefill:.3f} s, decode {1e3 * per_step:.2f} ms/step (median of {args.repeats}) "
-              f"(profile of {args.profile_steps} steps: device {prof['device_ms']:.0f} ms, host {prof['host_ms']:.0f} ms)")  # fmt: skip
+              f"(profile of {args.profile_steps} decode steps: device {prof['device_ms']:.0f} ms, host {prof['host_ms']:.0f} ms)")  # fmt: skip
         for label in ("top_device", "top_host"):
             for row in prof[label][:8]:
                 print(f"    {label[4:]:>6} {row['ms']:9.2f} ms {row['calls']:6d}x {row['op'][:70]}")

@@ -96,6 +96,9 @@ def quantize_configs(shipped: Config) -> list[Config]:
             PERSISTENT_SHAPES, (False, True), PROGRAMS_PER_SM, STAGES
         )
     ]  # fmt: skip
+    one_per_tile = {"QUANTIZE_PROGRAMS_PER_SM": 0, "QUANTIZE_STAGES": 1}
+    flags = [{**one_per_tile, **change} for change in flags]
+    shapes = [{**one_per_tile, **change} for change in shapes]
     unique: dict[tuple[tuple[str, object], ...], Config] = {}
     for change in [{}, *flags, *shapes, *persistent]:
         config = {**shipped, **change}

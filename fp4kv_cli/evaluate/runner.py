@@ -377,7 +377,7 @@ def _run_batch(
     seconds = time.perf_counter() - start
     stats = {
         "seconds": seconds,
-        "decode_attention": decode_read(cache, fused),
+        "decode_attention": decode_read(cache),
         "kv_bytes_per_token": cache.bytes_per_token(),
         "kv_stored_bytes": cache.stored_bytes(),
         "kv_capacity_bytes": cache.capacity_bytes(),

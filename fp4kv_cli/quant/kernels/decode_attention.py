@@ -25,12 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fp4kv_cli.quant.kernels.triton_fp4 import INTERPRETED, _e2m1_value, _e4m3_decode, _half_bits
+from fp4kv_cli.quant.kernels.triton_fp4 import _DTYPE_IDS, INTERPRETED, _e2m1_value, _e4m3_decode, _half_bits
 
 #: Kernel format ids of the quant methods whose buffers the kernel reads, by method name.
 FORMAT_IDS = {"bf16": 0, "fp8": 1, "nvfp4": 2, "blockfp4": 3}
-#: Model dtypes the kernel computes in, as ``KIND`` ids (shared with the FP4 kernels).
-_DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: Tokens per inner-loop block.
 BLOCK_N = 64
 #: Warps per program.
@@ -63,10 +61,11 @@ class KVSource:
 
 
 @triton.jit
-def _round(v, KIND: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """fp32 ``v`` rounded (nearest even) to the model dtype (KIND 0 bf16, 1 fp16, 2 fp32)."""
+def _round(v, KIND: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 ``v`` rounded (nearest even) to the model dtype (KIND 0 bf16, 1 fp16, 2 fp32); the
+    interpreter's fp32 -> bf16 conversion truncates, so there the rounding is integer code."""
     if KIND == 0:
-        out = _half_bits(v, 0, SOFT_BF16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = _half_bits(v, 0, INTERPRETER).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif KIND == 1:
         out = v.to(tl.float16)
     else:
@@ -107,7 +106,7 @@ def _load_tile(
     scale_stride_head,
     FMT: tl.constexpr,
     KIND: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -118,7 +117,7 @@ def _load_tile(
         tile = tl.load(data_ptr + row[:, None] + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
     elif FMT == 1:
         byte = tl.load(data_ptr + row[:, None] + tl.arange(0, D)[None, :], mask=valid[:, None], other=0)
-        tile = _round(_e4m3_decode(byte.to(tl.int32)) * tl.load(tensor_scale_ptr), KIND, SOFT_BF16)
+        tile = _round(_e4m3_decode(byte.to(tl.int32)) * tl.load(tensor_scale_ptr), KIND, INTERPRETER)
     else:
         NB: tl.constexpr = D // 16
         pair = tl.arange(0, NB)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
@@ -137,7 +136,7 @@ def _load_tile(
             g = tl.load(tensor_scale_ptr)
             lo = lo * g
             hi = hi * g
-        tile = tl.reshape(tl.join(_round(lo, KIND, SOFT_BF16), _round(hi, KIND, SOFT_BF16)), (BLOCK, D))
+        tile = tl.reshape(tl.join(_round(lo, KIND, INTERPRETER), _round(hi, KIND, INTERPRETER)), (BLOCK, D))
     return tile
 
 
@@ -174,7 +173,7 @@ def _decode_attention_kernel(
     K_FMT: tl.constexpr,
     V_FMT: tl.constexpr,
     KIND: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    INTERPRETER: tl.constexpr,
     HAS_MASK: tl.constexpr,
     SPLIT: tl.constexpr,
     D: tl.constexpr,
@@ -204,16 +203,16 @@ def _decode_attention_kernel(
             valid = valid & (tl.load(mask_ptr + b * mask_stride_b + t, mask=valid, other=0) != 0)
         slot = (b * capacity + t).to(tl.int64)
         k = _load_tile(k_ptr, k_scale_ptr, k_tensor_scale_ptr, slot, kv_head, valid, k_stride_tok, k_stride_head,
-                       k_scale_stride_tok, k_scale_stride_head, K_FMT, KIND, SOFT_BF16, D, BLOCK)  # fmt: skip
-        scores = _dot(q, tl.trans(k), KIND, SOFT_BF16)
+                       k_scale_stride_tok, k_scale_stride_head, K_FMT, KIND, INTERPRETER, D, BLOCK)  # fmt: skip
+        scores = _dot(q, tl.trans(k), KIND, INTERPRETER)
         scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(scores, 1, _max_combine))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, _add_combine)
         v = _load_tile(v_ptr, v_scale_ptr, v_tensor_scale_ptr, slot, kv_head, valid, v_stride_tok, v_stride_head,
-                       v_scale_stride_tok, v_scale_stride_head, V_FMT, KIND, SOFT_BF16, D, BLOCK)  # fmt: skip
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, KIND, SOFT_BF16)
+                       v_scale_stride_tok, v_scale_stride_head, V_FMT, KIND, INTERPRETER, D, BLOCK)  # fmt: skip
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, KIND, INTERPRETER)
         m_i = m_new
     num_heads = kv_heads * group
     if SPLIT:
@@ -243,17 +242,16 @@ def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, splits, D: tl.constexpr, 
     tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def supports(q: torch.Tensor, k: KVSource, v: KVSource) -> bool:
-    """Whether :func:`decode_attention` can run this query and these buffers here."""
-    dim = q.shape[-1]
+def can_read(fmt: str, buffer_dtype: torch.dtype, model_dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    """Whether :func:`decode_attention` reads buffers of format ``fmt`` (holding ``buffer_dtype``)
+    for a ``model_dtype`` query of ``head_dim`` on ``device``."""
     return (
-        (q.is_cuda or INTERPRETED)
-        and q.dtype in _DTYPE_IDS
-        and k.fmt in FORMAT_IDS
-        and v.fmt in FORMAT_IDS
-        and 16 <= dim <= 256
-        and dim & (dim - 1) == 0
-        and all(s.data.stride(-1) == 1 for s in (k, v))
+        (device.type == "cuda" or INTERPRETED)
+        and model_dtype in _DTYPE_IDS
+        and fmt in FORMAT_IDS
+        and (fmt != "bf16" or buffer_dtype == model_dtype)
+        and 16 <= head_dim <= 256
+        and head_dim & (head_dim - 1) == 0
     )
 
 
@@ -278,6 +276,8 @@ def decode_attention(
         The layer's buffers, slot ``b * capacity + t`` for token ``t`` of sequence ``b``.
     length:
         Filled tokens per sequence (the query's own included).
+    capacity:
+        Slots per sequence in the buffers (sequence ``b``'s token ``t`` is slot ``b * capacity + t``).
     mask:
         ``[batch, length]`` bool (True = attend), or None for all.
     scale:
@@ -287,6 +287,8 @@ def decode_attention(
 
     Returns ``[batch, q_heads, head_dim]`` in ``q``'s dtype.
     """
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     batch, q_heads, dim = q.shape
     kv_heads = k.data.shape[1]
     if q_heads % kv_heads:
@@ -300,8 +302,9 @@ def decode_attention(
     num_splits = triton.cdiv(length, tokens_per_split)
     out = torch.empty(batch, q_heads, dim, dtype=q.dtype, device=q.device)
     split = num_splits > 1
-    part = torch.empty(batch * q_heads * num_splits, dim if split else 1, dtype=torch.float32, device=q.device)
-    stats = torch.empty(batch * q_heads * num_splits, 2, dtype=torch.float32, device=q.device)
+    # Partial outputs and their (max, sum) per split; unused (the output pointer stands in) without splits.
+    part = torch.empty(batch * q_heads * num_splits, dim, dtype=torch.float32, device=q.device) if split else out
+    stats = torch.empty(batch * q_heads * num_splits, 2, dtype=torch.float32, device=q.device) if split else out
     if mask is not None:
         mask = mask.to(torch.bool)
         if mask.shape != (batch, length) or mask.stride(-1) != 1:
@@ -329,7 +332,7 @@ def decode_attention(
         K_FMT=FORMAT_IDS[k.fmt],
         V_FMT=FORMAT_IDS[v.fmt],
         KIND=_DTYPE_IDS[q.dtype],
-        SOFT_BF16=INTERPRETED,
+        INTERPRETER=INTERPRETED,
         HAS_MASK=mask is not None,
         SPLIT=split,
         D=dim,
@@ -375,4 +378,4 @@ def _device_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-__all__ = ["FORMAT_IDS", "KVSource", "decode_attention", "supports"]
+__all__ = ["FORMAT_IDS", "KVSource", "can_read", "decode_attention"]
