@@ -47,8 +47,12 @@ class _SharedState:
     """
 
     token_mask: torch.Tensor | None = None
+    #: During a static decode (:meth:`QuantKVCache.begin_static_decode`): ``[1]`` int64 device
+    #: tensor, the position every row writes this step; its owner advances it between steps.
+    static_position: torch.Tensor | None = None
     _write: tuple[tuple[Any, ...], torch.Tensor] | None = None
     _read: tuple[tuple[Any, ...], torch.Tensor] | None = None
+    _rows: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def write_loc(
         self, batch: int, capacity: int, start: int, length: int, device: torch.device
@@ -59,6 +63,14 @@ class _SharedState:
             rows = torch.arange(batch, device=device).unsqueeze(1) * capacity
             self._write = (key, (rows + torch.arange(start, start + length, device=device)).reshape(-1))
         return self._write[1]
+
+    def static_write_loc(self, batch: int, capacity: int, device: torch.device) -> torch.Tensor:
+        """Slots ``[batch]`` int64 of position ``static_position`` of every row, computed on the
+        device (a CUDA graph replays it for each new position)."""
+        key = (batch, capacity, device)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, torch.arange(batch, device=device) * capacity)
+        return self._rows[1] + self.static_position
 
     def read_loc(self, batch: int, capacity: int, length: int, device: torch.device) -> torch.Tensor:
         """Slots ``[batch * length]`` int64 of positions ``0 .. length-1`` of every row, row-major."""
@@ -184,16 +196,18 @@ class QuantKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         keys = key_states if self.k_offset is None else key_states.float() - self.k_offset[:, None, :]
         start, new = self.length, key_states.shape[-2]
+        if self.static and new == 1:
+            # Static decode: the slot comes from a device tensor and nothing on the host changes,
+            # so a captured step replays correctly; the attention kernel reads the buffers.
+            write = self.shared.static_write_loc(self.batch, self.capacity, self.device)
+            self._store(write, keys, value_states, key_states)
+            self.kernel_step = True
+            return key_states, value_states
         if start == 0 and (self.dynamic_k or self.dynamic_v):
             self._set_dynamic_scales(keys, value_states)
         self._ensure_capacity(start + new)
         write = self.shared.write_loc(self.batch, self.capacity, start, new, self.device)
-        flat_k, flat_v = _to_rows(keys), _to_rows(value_states)
-        b = self.buffers
-        self.k_method.store(b.k, b.k_scale, write, flat_k, self.k_scale)
-        self.v_method.store(b.v, b.v_scale, write, flat_v, self.v_scale)
-        if self.track_error:
-            self._track_error(write, flat_k, flat_v, key_states)
+        self._store(write, keys, value_states, key_states)
         self.length = start + new
         if new == 1:
             self.kernel_step = self.fuse_if is not None and self.fuse_if(self)
@@ -205,6 +219,17 @@ class QuantKVLayer(CacheLayerMixin):
             return fresh_k, value_states
         past_k, past_v = self._read(start)
         return torch.cat([past_k, fresh_k], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    @property
+    def static(self) -> bool:
+        """Whether a static decode is running (see :meth:`QuantKVCache.begin_static_decode`)."""
+        return self.shared.static_position is not None
+
+    @property
+    def read_length(self) -> int:
+        """Slots per row a decode step's attention covers: the filled ones, or the whole capacity
+        during a static decode (its mask then admits the filled ones)."""
+        return self.capacity if self.static else self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of the mask for ``query_length`` new tokens."""
@@ -282,6 +307,17 @@ class QuantKVLayer(CacheLayerMixin):
             k_made["k_scale_buffer"][0] if k_made["k_scale_buffer"] else None,
             v_made["v_scale_buffer"][0] if v_made["v_scale_buffer"] else None,
         )
+
+    def _store(
+        self, write: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, original_k: torch.Tensor
+    ) -> None:
+        """Write ``keys`` (already centered) and ``values`` ``[batch, heads, T, dim]`` at slots ``write``."""
+        flat_k, flat_v = _to_rows(keys), _to_rows(values)
+        b = self.buffers
+        self.k_method.store(b.k, b.k_scale, write, flat_k, self.k_scale)
+        self.v_method.store(b.v, b.v_scale, write, flat_v, self.v_scale)
+        if self.track_error:
+            self._track_error(write, flat_k, flat_v, original_k)
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -455,6 +491,8 @@ class QuantKVCache(Cache):
         """One :class:`QuantKVLayer` per entry of the (equally long) per-layer lists."""
         _check_offsets(k_offsets, len(k_methods))
         self.shared = _SharedState()
+        #: How the last static decode ran (``graph`` / ``static``), None if there was none.
+        self.static_decode: str | None = None
         layers = [
             QuantKVLayer(
                 k_methods[i],
@@ -479,6 +517,22 @@ class QuantKVCache(Cache):
             layer.kernel_step = False
             if predicate is not None:
                 layer.kernel_reads = 0
+
+    def begin_static_decode(self, position: torch.Tensor) -> None:
+        """Decode steps from now on write the slot at ``position`` (``[1]`` int64 device tensor,
+        advanced by the caller) and leave reading to the attention kernel over the whole
+        capacity, with no host-side state change per step: what a CUDA graph of the step needs
+        (:mod:`fp4kv_cli.evaluate.static_decode`). The buffers must already hold the prompt and
+        have room for every position the caller will write."""
+        self.shared.static_position = position
+
+    def end_static_decode(self, length: int, replayed: bool) -> None:
+        """Back to ordinary steps, with ``length`` tokens per row now stored; ``replayed``: the
+        steps ran as CUDA graph replays (recorded in :attr:`static_decode`)."""
+        self.shared.static_position = None
+        self.static_decode = "graph" if replayed else "static"
+        for layer in self.layers:
+            layer.length = length
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""

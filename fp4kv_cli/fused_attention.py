@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -31,34 +30,12 @@ from fp4kv_cli.cache import QuantKVCache, QuantKVLayer
 ATTENTION_NAME = "fp4kv"
 
 
-@dataclass
-class _FusedRun:
-    """The cache whose decode steps are fused, and the last decode mask converted for the kernel
-    (every full-attention layer of a step gets the same mask tensor: convert it once per step)."""
-
-    cache: QuantKVCache
-    mask_source: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-
-    def token_mask(self, attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-        """``[batch, length]`` bool (True = attend) of a decode step's 4D mask (bool, or additive
-        float), memoised for the step's other layers."""
-        if attention_mask is None:
-            return None
-        # Holding the source keeps it alive, so identity cannot be fooled by a reused address.
-        if attention_mask is not self.mask_source or self.mask.shape[-1] != length:
-            row = attention_mask[:, 0, -1, :length]
-            self.mask = (row if row.dtype == torch.bool else row == 0).contiguous()
-            self.mask_source = attention_mask
-        return self.mask
-
-
-#: The run whose decode steps are fused, while :func:`fused_decode` is active.
-_ACTIVE: ContextVar[_FusedRun | None] = ContextVar("fp4kv_fused_run", default=None)
+#: The cache whose decode steps are fused, while :func:`fused_decode` is active.
+_ACTIVE: ContextVar[QuantKVCache | None] = ContextVar("fp4kv_fused_cache", default=None)
 
 
 @cache
-def _kernels() -> ModuleType | None:
+def decode_kernels() -> ModuleType | None:
     """The decode-attention kernel module, or None where Triton cannot be imported."""
     try:
         from fp4kv_cli.quant.kernels import decode_attention
@@ -69,7 +46,7 @@ def _kernels() -> ModuleType | None:
 
 def fusable(layer: QuantKVLayer) -> bool:
     """Whether the kernel can read this layer's K and V buffers (formats, dtypes, head_dim, device)."""
-    kernels = _kernels()
+    kernels = decode_kernels()
     return kernels is not None and all(
         kernels.can_read(method.name, buffer.dtype, layer.dtype, layer.head_dim, layer.device)
         for method, buffer in ((layer.k_method, layer.buffers.k), (layer.v_method, layer.buffers.v))
@@ -77,8 +54,12 @@ def fusable(layer: QuantKVLayer) -> bool:
 
 
 def decode_read(cache: QuantKVCache) -> str:
-    """How the decode steps of the last :func:`fused_decode` block read ``cache``: ``fused``
-    (the kernel, every layer), ``gather`` (dequantized copies + SDPA) or ``fused N/M layers``."""
+    """How the decode steps of the last :func:`fused_decode` block read ``cache``: ``graph`` /
+    ``static`` (static-shape steps through the kernel, replayed as CUDA graphs or not),
+    ``fused`` (the kernel, every layer), ``gather`` (dequantized copies + SDPA) or
+    ``fused N/M layers``."""
+    if cache.static_decode is not None:
+        return cache.static_decode
     count = sum(layer.kernel_reads > 0 for layer in cache.layers)
     if count == 0:
         return "gather"
@@ -91,11 +72,13 @@ def layer_attention(
     """Attention of ``query [batch, q_heads, 1, head_dim]`` over ``layer``'s filled slots, read
     from its buffers by the kernel, with ``token_mask [batch, length]`` bool (True = attend) or
     None; returns ``[batch, 1, q_heads, head_dim]`` as transformers' attention functions do."""
-    kernels = _kernels()
+    kernels = decode_kernels()
     b = layer.buffers
     k = kernels.KVSource(layer.k_method.name, b.k, b.k_scale, layer.k_scale)
     v = kernels.KVSource(layer.v_method.name, b.v, b.v_scale, layer.v_scale)
-    out = kernels.decode_attention(query[:, :, 0], k, v, layer.length, layer.capacity, token_mask, scaling)
+    out = kernels.decode_attention(
+        query[:, :, 0], k, v, layer.read_length, layer.capacity, token_mask, scaling
+    )
     return out.unsqueeze(1)
 
 
@@ -111,11 +94,11 @@ def fp4kv_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: the kernel for a decode step whose K/V the active cache
     left in its buffers (``kernel_step``), SDPA for everything else."""
-    run = _ACTIVE.get()
+    active = _ACTIVE.get()
     index = getattr(module, "layer_idx", None)
     layer = None
-    if run is not None and isinstance(index, int) and 0 <= index < len(run.cache.layers):
-        layer = run.cache.layers[index]
+    if active is not None and isinstance(index, int) and 0 <= index < len(active.layers):
+        layer = active.layers[index]
     if layer is None or not layer.kernel_step or query.shape[2] != 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -123,7 +106,7 @@ def fp4kv_attention(
     layer.kernel_step = False  # one read per stored step: a forward that skips update gets SDPA
     layer.kernel_reads += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return layer_attention(layer, query, run.token_mask(attention_mask, layer.length), scale), None
+    return layer_attention(layer, query, _token_mask(attention_mask, layer.read_length), scale), None
 
 
 @contextmanager
@@ -135,7 +118,7 @@ def fused_decode(model: Any, cache: Any) -> Iterator[bool]:
     other than :class:`QuantKVCache`, models not running SDPA attention, models off CUDA, or
     where Triton is missing.
     """
-    kernels = _kernels()
+    kernels = decode_kernels()
     device = next(model.parameters()).device
     previous = model.config._attn_implementation
     if (
@@ -147,7 +130,7 @@ def fused_decode(model: Any, cache: Any) -> Iterator[bool]:
         yield False
         return
     _register()
-    token = _ACTIVE.set(_FusedRun(cache))
+    token = _ACTIVE.set(cache)
     cache.set_fused_decode(fusable)
     try:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -158,6 +141,16 @@ def fused_decode(model: Any, cache: Any) -> Iterator[bool]:
         _ACTIVE.reset(token)
 
 
+def _token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """``[batch, length]`` bool (True = attend) of a decode step's 4D mask: a view of a bool
+    mask (no copy, so a mask updated in place between CUDA graph replays is read fresh), or the
+    kept positions of an additive float one."""
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, :length]
+    return row if row.dtype == torch.bool else row == 0
+
+
 @cache
 def _register() -> None:
     """Register :func:`fp4kv_attention` (with SDPA's mask) under :data:`ATTENTION_NAME`, once."""
@@ -165,4 +158,12 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-__all__ = ["ATTENTION_NAME", "decode_read", "fp4kv_attention", "fusable", "fused_decode", "layer_attention"]
+__all__ = [
+    "ATTENTION_NAME",
+    "decode_kernels",
+    "decode_read",
+    "fp4kv_attention",
+    "fusable",
+    "fused_decode",
+    "layer_attention",
+]

@@ -6,13 +6,14 @@ number of new tokens (no early stop, so every variant does the same work) throug
 - ``dynamic``: a plain transformers ``DynamicCache`` (the issue's 185 s reference);
 - each ``--kv`` format through :class:`fp4kv_cli.cache.QuantKVCache` (``bf16`` isolates the
   cache's own overhead from the quantization kernels), read by the fused decode-attention
-  kernel (``<kv>``) and, with ``--gather``, also by dequantize + SDPA (``<kv>-gather``).
+  kernel (``<kv>``); with ``--gather`` also by dequantize + SDPA (``<kv>-gather``); with
+  ``--graph`` also in static-shape steps replayed as CUDA graphs (``<kv>-graph``).
 
 For each: wall seconds per decode step (prefill timed separately; median of ``--repeats``
 runs in rotating order), then a ``torch.profiler`` run
 of a few steps whose top operators by device and by host time say where the time goes.
 
-usage: python scripts/bench_decode.py --model M [--kv bf16,nvfp4] [--gather] [--scales S] [--batch-size 128]
+usage: python scripts/bench_decode.py --model M [--kv bf16,nvfp4] [--gather] [--graph] [--scales S] [--batch-size 128]
        [--new-tokens 64] [--repeats 3] [--profile-steps 8] [--out bench_decode.json]
 """
 
@@ -39,6 +40,7 @@ from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.generate import left_pad, neutral_generation_defaults
 from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
 from fp4kv_cli.evaluate.runner import kv_method
+from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
 from fp4kv_cli.models import cache_argument, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.quant.methods import KVCacheMethod
@@ -47,6 +49,8 @@ from fp4kv_cli.quant.scales import load_scales_file
 TOP_OPS = 12
 #: Suffix of the variants that read the cache by dequantize + SDPA instead of the fused kernel.
 GATHER = "-gather"
+#: Suffix of the variants that decode in static-shape steps replayed as CUDA graphs.
+GRAPH = "-graph"
 
 
 def prompts(tokenizer: Any, count: int) -> list[list[int]]:
@@ -57,7 +61,7 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
 
 def make_cache(model: Any, kv: str, dtype: torch.dtype, scales_path: str | None, capacity: int) -> Any:
     """A fresh cache of variant ``kv`` (``dynamic`` or a format name, ``-gather`` suffix ignored)."""
-    kv = kv.removesuffix(GATHER)
+    kv = kv.removesuffix(GATHER).removesuffix(GRAPH)
     if kv == "dynamic":
         return DynamicCache(config=model.config)
     method: KVCacheMethod = kv_method(kv, dtype)
@@ -144,7 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--kv", default="bf16,nvfp4", help="formats besides the plain DynamicCache")
-    parser.add_argument("--gather", action="store_true", help="also time each format's dequantize + SDPA read")
+    parser.add_argument(
+        "--gather", action="store_true", help="also time each format's dequantize + SDPA read"
+    )
+    parser.add_argument(
+        "--graph", action="store_true", help="also time static-shape steps replayed as CUDA graphs"
+    )
     parser.add_argument("--scales", default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -163,11 +172,22 @@ def main() -> None:
     ids, mask = left_pad(prompts(tokenizer, args.batch_size), tokenizer.pad_token_id, device)
     capacity = ids.shape[1] + args.new_tokens
     formats = [k.strip() for k in args.kv.split(",") if k.strip()]
-    variants = ["dynamic", *formats, *([f + GATHER for f in formats] if args.gather else [])]
+    if args.graph and not all(
+        static_decode_supported(model, make_cache(model, f, dtype, args.scales, capacity)) for f in formats
+    ):
+        parser.error(
+            "--graph needs CUDA, an SDPA model with full attention only, and formats the kernel reads"
+        )
+    variants = ["dynamic", *formats]
+    variants += [f + GATHER for f in formats] if args.gather else []
+    variants += [f + GRAPH for f in formats] if args.graph else []
 
     def run(kv: str, steps: int, stopping: StoppingCriteriaList | None = None) -> None:
         cache = make_cache(model, kv, dtype, args.scales, capacity)
-        generate(model, ids, mask, cache, steps, not kv.endswith(GATHER), stopping)
+        if kv.endswith(GRAPH):  # no profiler steps here: a replay is one graph launch
+            greedy_static(model, cache, ids, mask, steps)
+        else:
+            generate(model, ids, mask, cache, steps, not kv.endswith(GATHER), stopping)
 
     for kv in variants:
         run(kv, 2)  # warm-up: kernel compilation, allocator
@@ -182,15 +202,22 @@ def main() -> None:
     for kv in variants:
         prefill = statistics.median(t[0] for t in times[kv])
         per_step = statistics.median(t[1] for t in times[kv])
-        prof = profile(lambda stopping, kv=kv: run(kv, args.profile_steps + 3, stopping), device, args.profile_steps)
         results[kv] = {
             "prefill_s": prefill,
             "decode_ms_per_step": 1e3 * per_step,
             "decode_ms_per_step_each": [1e3 * t[1] for t in times[kv]],
-            "profile": prof,
         }
-        print(f"{kv:>8}: prefill {prefill:.3f} s, decode {1e3 * per_step:.2f} ms/step (median of {args.repeats}) "
-              f"(profile of {args.profile_steps} decode steps: device {prof['device_ms']:.0f} ms, host {prof['host_ms']:.0f} ms)")  # fmt: skip
+        print(
+            f"{kv:>8}: prefill {prefill:.3f} s, decode {1e3 * per_step:.2f} ms/step (median of {args.repeats})"
+        )
+        if kv.endswith(GRAPH):  # its steps are graph replays (capture included in the time above)
+            continue
+        prof = profile(
+            lambda stopping, kv=kv: run(kv, args.profile_steps + 3, stopping), device, args.profile_steps
+        )
+        results[kv]["profile"] = prof
+        print(f"    profile of {args.profile_steps} decode steps: device {prof['device_ms']:.0f} ms, "
+              f"host {prof['host_ms']:.0f} ms")  # fmt: skip
         for label in ("top_device", "top_host"):
             for row in prof[label][:8]:
                 print(f"    {label[4:]:>6} {row['ms']:9.2f} ms {row['calls']:6d}x {row['op'][:70]}")

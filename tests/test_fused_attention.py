@@ -42,7 +42,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def interpreted() -> Iterator[ModuleType]:
-    fused_attention._kernels()  # the package's own kernels, imported compiled before the variable is set
+    fused_attention.decode_kernels()  # the package's own kernels, imported compiled before the variable is set
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
         yield load_interpreted_kernels("decode_attention")
@@ -58,7 +58,7 @@ def stored(kernels: ModuleType, fmt: str, x: torch.Tensor, capacity: int, dtype:
     scales = made["k_scale_buffer"][0] if made["k_scale_buffer"] else None
     divisor = 6 * 448 if fmt == "nvfp4" else 448
     tensor_scale = (x.abs().amax().float() / divisor).reshape(()) if method.uses_tensor_scale else None
-    loc = (torch.arange(batch, device=x.device)[:, None] * capacity + torch.arange(length, device=x.device))
+    loc = torch.arange(batch, device=x.device)[:, None] * capacity + torch.arange(length, device=x.device)
     loc = loc.reshape(-1)
     method.store(data, scales, loc, x.reshape(-1, heads, dim), tensor_scale)
     values = method.dequantize(data, scales, loc, tensor_scale, dtype).reshape(x.shape)
@@ -125,7 +125,9 @@ def test_kernel_sees_a_wrong_scale(interpreted: ModuleType) -> None:
 
 @CUDA
 @pytest.mark.parametrize(("k_fmt", "v_fmt", "dtype"), CASES)
-def test_gpu_kernel_equals_attention_over_dequantized_values(k_fmt: str, v_fmt: str, dtype: torch.dtype) -> None:
+def test_gpu_kernel_equals_attention_over_dequantized_values(
+    k_fmt: str, v_fmt: str, dtype: torch.dtype
+) -> None:
     from fp4kv_cli.quant.kernels import decode_attention
 
     for splits in (1, 3, None):
@@ -188,7 +190,7 @@ def test_fused_generation_equals_gather_path(
     tiny_qwen2_dir: Path, fmt: str, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tiny Qwen2 (GQA 3, a sliding-window layer, left padding): same tokens, logits within 1e-4."""
-    monkeypatch.setattr(fused_attention, "_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
     check_generation(tiny_qwen2_dir, fmt, "cpu")
 
 
@@ -200,7 +202,7 @@ def test_gpu_fused_generation_equals_gather_path(tiny_qwen2_dir: Path, fmt: str)
 
 def test_fused_decode_leaves_other_caches_alone(tiny_llama_dir: Path, interpreted: ModuleType,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    monkeypatch.setattr(fused_attention, "_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     before = model.config._attn_implementation
     with fused_attention.fused_decode(model, DynamicCache(config=model.config)) as on:
@@ -212,8 +214,10 @@ def test_fused_decode_leaves_non_sdpa_models_alone(
     tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model on eager attention (softcapping, sinks ... that SDPA would drop) keeps the gather read."""
-    monkeypatch.setattr(fused_attention, "_kernels", lambda: interpreted)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="eager")
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     cache = QuantKVCache.for_model(model.config, get_kv_cache_method("blockfp4"))
     with fused_attention.fused_decode(model, cache) as on:
         assert not on
@@ -224,7 +228,7 @@ def test_fused_decode_leaves_non_sdpa_models_alone(
 def test_fused_decode_restores_the_model_after_an_error(
     tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fused_attention, "_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     before = model.config._attn_implementation
     cache = QuantKVCache.for_model(model.config, get_kv_cache_method("blockfp4"))
@@ -240,7 +244,7 @@ def test_a_forward_that_skips_the_cache_update_gets_sdpa(
 ) -> None:
     """The kernel read is one-shot: a one-token forward after a fused step that does not store
     into the cache (here ``use_cache=False``) attends to its own K/V, as without the context."""
-    monkeypatch.setattr(fused_attention, "_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     cache = QuantKVCache.for_model(model.config, get_kv_cache_method("bf16", dtype=torch.float32))
     ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -71,7 +71,8 @@ def gsm8k(
         typer.Option(
             "--decode-attention",
             help="fused: decode steps attend straight from the FP4/FP8/bf16 buffers with the Triton kernel "
-            "(GPU); gather: dequantize the prefix, then SDPA (the CPU path).",
+            "(GPU); graph: the same with static shapes, each decode step one CUDA graph replay (full-attention "
+            "models); gather: dequantize the prefix, then SDPA (the CPU path).",
         ),
     ] = "fused",
 ) -> None:

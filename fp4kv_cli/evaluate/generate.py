@@ -18,6 +18,7 @@ from transformers import GenerationConfig, StopStringCriteria
 
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.evaluate.gsm8k import cut_at_stop
+from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
 from fp4kv_cli.models import cache_argument
 
@@ -93,16 +94,27 @@ def generate_batch(
     cache: QuantKVCache,
     config: GenerationConfig,
     stops: Sequence[str],
-    fused: bool = True,
+    decode: str = "fused",
 ) -> list[Continuation]:
     """Greedy continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch).
 
-    ``fused``: decode steps attend straight from the cache's buffers with the decode-attention
-    kernel where it runs (:func:`fp4kv_cli.fused_attention.fused_decode`), instead of reading
-    the prefix back as dequantized tensors and running SDPA.
+    ``decode``: ``fused`` — decode steps attend straight from the cache's buffers with the
+    decode-attention kernel where it runs (:func:`fp4kv_cli.fused_attention.fused_decode`);
+    ``graph`` — the same with static shapes, each step one CUDA graph replay
+    (:mod:`fp4kv_cli.evaluate.static_decode`), where supported, else ``fused``; ``gather`` —
+    the prefix is read back as dequantized tensors and SDPA runs.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    ends = [t for t in (config.pad_token_id, *(config.eos_token_id or [])) if t is not None]
+    if decode == "graph" and static_decode_supported(model, cache):
+        stop_at = config.stop_strings or []  # what generate would stop a row at (as supported)
+        tokens = greedy_static(
+            model, cache, input_ids, attention_mask, config.max_new_tokens,
+            lambda t: torch.tensor([_stop_index(tokenizer, row, ends, stop_at) is not None for row in t.tolist()]),
+        )  # fmt: skip
+        return [_continuation(tokenizer, row, ends, stop_at, stops) for row in tokens.tolist()]
+    fused = decode in ("fused", "graph")
     cache.set_token_mask(attention_mask)
     extra = {"tokenizer": tokenizer} if config.stop_strings else {}
     with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext():
@@ -114,13 +126,42 @@ def generate_batch(
             **{cache_argument(model): cache},
         )
     generated = out[:, input_ids.shape[1] :]
-    ends = [config.pad_token_id, *(config.eos_token_id or [])]
-    counts = generated.shape[1] - _trailing(generated, [t for t in ends if t is not None])
+    counts = generated.shape[1] - _trailing(generated, ends)
     results = []
     for row, count in zip(generated.tolist(), counts.tolist()):
         raw = tokenizer.decode(row[:count], skip_special_tokens=True)
         results.append(Continuation(cut_at_stop(raw, stops), raw, count))
     return results
+
+
+def _stop_index(tokenizer: Any, row: list[int], end_ids: Sequence[int], stops: Sequence[str]) -> int | None:
+    """Tokens of ``row`` up to where generation would have stopped: before its first EOS/pad
+    token, or through the first token whose text completes a stop string; None if neither."""
+    for index, token in enumerate(row):
+        if token in end_ids:
+            row = row[:index]
+            break
+    else:
+        index = None
+    if not any(stop and stop in tokenizer.decode(row, skip_special_tokens=True) for stop in stops):
+        return index
+    low, high = 1, len(row)  # the shortest prefix whose text holds a stop string (monotone in length)
+    while low < high:
+        middle = (low + high) // 2
+        text = tokenizer.decode(row[:middle], skip_special_tokens=True)
+        low, high = (low, middle) if any(stop and stop in text for stop in stops) else (middle + 1, high)
+    return low
+
+
+def _continuation(
+    tokenizer: Any, row: list[int], end_ids: Sequence[int], stop_at: Sequence[str], stops: Sequence[str]
+) -> Continuation:
+    """A static decode's row (which runs past its stop) as ``generate`` would have left it:
+    ended at EOS or a ``stop_at`` string, text cut at ``stops``."""
+    count = _stop_index(tokenizer, row, end_ids, stop_at)
+    count = len(row) if count is None else count
+    raw = tokenizer.decode(row[:count], skip_special_tokens=True)
+    return Continuation(cut_at_stop(raw, stops), raw, count)
 
 
 def _trailing(tokens: torch.Tensor, end_ids: Sequence[int]) -> torch.Tensor:

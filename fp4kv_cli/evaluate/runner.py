@@ -50,8 +50,9 @@ from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
 REFERENCE = "bf16"
 #: KV dtype name for the per-layer formats of the scales file.
 RECIPE = "recipe"
-#: How decode steps read the cache: the fused kernel (where it runs) or dequantized copies + SDPA.
-DECODE_ATTENTION = ("fused", "gather")
+#: How decode steps read the cache: the fused kernel (where it runs), the same in static-shape
+#: steps replayed as CUDA graphs, or dequantized copies + SDPA.
+DECODE_ATTENTION = ("fused", "graph", "gather")
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             prompt_ids,
             settings,
             lambda ids, hint, kv=kv: _run_batch(
-                model, tokenizer, ids, make_cache(kv, hint), config, stops, settings.decode_attention == "fused"
+                model, tokenizer, ids, make_cache(kv, hint), config, stops, settings.decode_attention
             ),
         )
     summary = _summary(settings, plan, device, dtype, methods, scales, records, fidelity, prompts[0])
@@ -366,14 +367,14 @@ def _run_batch(
     cache: QuantKVCache,
     config: Any,
     stops: Sequence[str],
-    fused: bool,
+    decode: str,
 ) -> tuple[list[Continuation], dict[str, Any]]:
     cuda = next(model.parameters()).device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, fused)
+    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, decode)
     seconds = time.perf_counter() - start
     stats = {
         "seconds": seconds,

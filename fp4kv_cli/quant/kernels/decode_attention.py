@@ -121,7 +121,9 @@ def _load_tile(
     else:
         NB: tl.constexpr = D // 16
         pair = tl.arange(0, NB)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        packed = tl.load(data_ptr + row[:, None, None] + pair, mask=valid[:, None, None], other=0).to(tl.int32)
+        packed = tl.load(data_ptr + row[:, None, None] + pair, mask=valid[:, None, None], other=0).to(
+            tl.int32
+        )
         srow = slot * scale_stride_tok + head * scale_stride_head
         sbyte = tl.load(scale_ptr + srow[:, None] + tl.arange(0, NB)[None, :], mask=valid[:, None], other=0)
         sbyte = sbyte.to(tl.int32)
@@ -190,7 +192,9 @@ def _decode_attention_kernel(
     row_ok = rows < group
     heads = kv_head * group + rows
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + dims[None, :], mask=row_ok[:, None], other=0.0
+    )
     m_i = tl.full((GROUP_ROWS,), -1.0e30, tl.float32)
     l_i = tl.full((GROUP_ROWS,), 0.0, tl.float32)
     acc = tl.full((GROUP_ROWS, D), 0.0, tl.float32)
@@ -242,7 +246,9 @@ def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, splits, D: tl.constexpr, 
     tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def can_read(fmt: str, buffer_dtype: torch.dtype, model_dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+def can_read(
+    fmt: str, buffer_dtype: torch.dtype, model_dtype: torch.dtype, head_dim: int, device: torch.device
+) -> bool:
     """Whether :func:`decode_attention` reads buffers of format ``fmt`` (holding ``buffer_dtype``)
     for a ``model_dtype`` query of ``head_dim`` on ``device``."""
     return (
@@ -303,12 +309,18 @@ def decode_attention(
     out = torch.empty(batch, q_heads, dim, dtype=q.dtype, device=q.device)
     split = num_splits > 1
     # Partial outputs and their (max, sum) per split; unused (the output pointer stands in) without splits.
-    part = torch.empty(batch * q_heads * num_splits, dim, dtype=torch.float32, device=q.device) if split else out
-    stats = torch.empty(batch * q_heads * num_splits, 2, dtype=torch.float32, device=q.device) if split else out
+    part = (
+        torch.empty(batch * q_heads * num_splits, dim, dtype=torch.float32, device=q.device) if split else out
+    )
+    stats = (
+        torch.empty(batch * q_heads * num_splits, 2, dtype=torch.float32, device=q.device) if split else out
+    )
     if mask is not None:
+        if mask.shape != (batch, length):
+            raise ValueError(f"mask must be [batch, length] = {(batch, length)}, got {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
-        if mask.shape != (batch, length) or mask.stride(-1) != 1:
-            raise ValueError(f"mask must be contiguous [batch, length] = {(batch, length)}, got {tuple(mask.shape)}")
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
     k_args, v_args = _buffer_args(k, q), _buffer_args(v, q)
     _decode_attention_kernel[(batch, kv_heads, num_splits)](
         q,

@@ -1,0 +1,183 @@
+"""Greedy decoding with static shapes, so each decode step can be one CUDA graph replay.
+
+``model.generate`` runs a decode step as hundreds of small kernels, each launched from Python;
+at batch 128 on a small model the GPU then waits on the host. Here every decode step has the
+same shapes and no host-side state: the token, its rotary position, the slot it is written to and
+the attention mask over the cache's whole capacity live in device tensors that the step itself
+advances, the cache writes at that slot (:meth:`QuantKVCache.begin_static_decode`) and the fused
+decode-attention kernel reads the buffers under the mask. On CUDA the step is captured once
+into a CUDA graph and replayed; elsewhere (the CPU tests) the same step runs eagerly.
+
+Rows are independent, so a row's tokens up to its stop are those ``generate`` would produce; the
+loop runs until every row has stopped (checked every ``check_every`` steps) or the budget ends,
+and the caller cuts each row at its stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fp4kv_cli import fused_attention
+from fp4kv_cli.cache import QuantKVCache
+from fp4kv_cli.fused_attention import fusable, fused_decode
+from fp4kv_cli.models import cache_argument
+
+#: Steps between two host checks of whether every row has stopped.
+CHECK_EVERY = 16
+
+
+def static_decode_supported(model: Any, cache: Any) -> bool:
+    """Whether :func:`greedy_static` can run ``model`` with ``cache``: a :class:`QuantKVCache`
+    on an SDPA model whose layers all use full attention (the static mask has no sliding window),
+    on a device where the decode-attention kernel reads every layer's K and V formats."""
+    kernels = fused_attention.decode_kernels()
+    if not isinstance(cache, QuantKVCache) or kernels is None or model.config._attn_implementation != "sdpa":
+        return False
+    text = model.config.get_text_config(decoder=True)
+    if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return False
+    parameter = next(model.parameters())
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    dtype, device = parameter.dtype, parameter.device
+    return all(
+        kernels.can_read(method.name, getattr(method, "dtype", dtype), dtype, head_dim, device)
+        for layer in cache.layers
+        for method in (layer.k_method, layer.v_method)
+    )
+
+
+def greedy_static(
+    model: Any,
+    cache: QuantKVCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    graph: bool | None = None,
+) -> torch.Tensor:
+    """Greedy continuations ``[batch, n]`` (``n <= max_new_tokens``) of left-padded ``input_ids``.
+
+    Parameters
+    ----------
+    cache:
+        A fresh cache with room for ``prompt + max_new_tokens`` tokens per row (its capacity hint).
+    stopped:
+        ``tokens [batch, n] -> bool [batch]``: which rows have stopped (EOS, a stop string); the
+        loop ends when all have. None runs the whole budget.
+    graph:
+        Capture the step in a CUDA graph (default: on CUDA).
+
+    Call it only where :func:`static_decode_supported` holds.
+    """
+    device = input_ids.device
+    batch, prompt = input_ids.shape
+    graph = device.type == "cuda" if graph is None else graph
+    argument = {cache_argument(model): cache}
+    cache.set_token_mask(attention_mask)
+    with torch.inference_mode(), fused_decode(model, cache) as on:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       logits_to_keep=1, **argument).logits  # fmt: skip
+        tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+        tokens[:, 0] = logits[:, -1].argmax(-1)
+        capacity = min(layer.capacity for layer in cache.layers)
+        if not on or not all(fusable(layer) for layer in cache.layers):
+            raise ValueError(
+                "static decoding needs the fused decode attention; check static_decode_supported"
+            )
+        if capacity < prompt + max_new_tokens - 1:
+            raise ValueError(
+                f"the cache holds {capacity} tokens per row, {prompt + max_new_tokens - 1} are needed"
+            )
+        mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)
+        mask[:, 0, 0, :prompt] = attention_mask.bool()
+        state = _StepState(
+            ids=tokens[:, :1].clone(),
+            positions=positions[:, -1:] + 1,
+            slot=torch.full((1,), prompt, dtype=torch.long, device=device),
+            column=torch.ones(1, dtype=torch.long, device=device),
+            mask=mask,
+            tokens=tokens,
+        )
+
+        def step() -> None:
+            state.mask.index_fill_(3, state.slot, True)  # the new token attends to itself
+            out = model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
+                        logits_to_keep=1, **argument).logits  # fmt: skip
+            state.advance(out[:, -1].argmax(-1))
+
+        cache.begin_static_decode(state.slot)
+        try:
+            done = _run_steps(
+                step,
+                max_new_tokens,
+                graph,
+                lambda n: stopped is not None and bool(stopped(tokens[:, :n]).all()),
+            )
+        finally:
+            cache.end_static_decode(prompt + done - 1, replayed=graph and done > 2)
+    return tokens[:, :done]
+
+
+class _StepState:
+    """Device tensors a static step reads and advances: the token to write and its rotary position
+    per row, the slot all rows write, the output column, the mask and the output tokens."""
+
+    def __init__(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, column: torch.Tensor,
+                 mask: torch.Tensor, tokens: torch.Tensor) -> None:  # fmt: skip
+        self.ids, self.positions, self.slot, self.column, self.mask, self.tokens = (
+            ids, positions, slot, column, mask, tokens,
+        )  # fmt: skip
+
+    def advance(self, next_ids: torch.Tensor) -> None:
+        """Record ``next_ids [batch]`` and move every counter one token on (device ops only)."""
+        self.tokens.index_copy_(1, self.column, next_ids[:, None])
+        self.ids.copy_(next_ids[:, None])
+        self.positions.add_(1)
+        self.slot.add_(1)
+        self.column.add_(1)
+
+
+def _run_steps(
+    step: Callable[[], None], max_new_tokens: int, graph: bool, all_stopped: Callable[[int], bool]
+) -> int:
+    """Run decode steps until ``max_new_tokens`` tokens exist or ``all_stopped(count)`` holds at a
+    check; returns the token count. With ``graph`` the first step runs eagerly (it compiles the
+    kernels and warms the allocator), the second is captured, and every later one is a replay."""
+    done = 1
+    replay: Callable[[], None] = step
+    while done < max_new_tokens:
+        if graph and done == 1:
+            replay = _on_side_stream(step)  # warm-up, as CUDA graph capture wants it
+        elif graph and done == 2:
+            replay = _capture(step)
+        replay()
+        done += 1
+        if done % CHECK_EVERY == 0 and all_stopped(done):
+            break
+    return done
+
+
+def _on_side_stream(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run on a side stream that the current stream then waits for."""
+
+    def run() -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+
+    return run
+
+
+def _capture(step: Callable[[], None]) -> Callable[[], None]:
+    """A CUDA graph of ``step`` (capturing runs nothing); returns its replay."""
+    cuda_graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(cuda_graph):
+        step()
+    return cuda_graph.replay
