@@ -94,6 +94,12 @@ def check_kernel(kernels: ModuleType, k_fmt: str, v_fmt: str, dtype: torch.dtype
     # Output rounding (the interpreter truncates to bf16) and probabilities rounded to 16 bits.
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(got.float(), want, rtol=0, atol=tolerance * want.abs().max().item())
+    shared = mask[1:2]  # one row for every sequence (a broadcast mask)
+    torch.testing.assert_close(
+        kernels.decode_attention(q, k_src, v_src, length, capacity, shared, dim**-0.5, num_splits=splits).float(),
+        attention_reference(q, k_vals, v_vals, shared.expand_as(mask), dim**-0.5),
+        rtol=0, atol=tolerance * want.abs().max().item(),
+    )  # fmt: skip
     unmasked = kernels.decode_attention(q, k_src, v_src, length, capacity, None, dim**-0.5, num_splits=splits)
     full = torch.ones_like(mask)
     torch.testing.assert_close(

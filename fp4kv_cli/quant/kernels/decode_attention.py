@@ -285,7 +285,7 @@ def decode_attention(
     capacity:
         Slots per sequence in the buffers (sequence ``b``'s token ``t`` is slot ``b * capacity + t``).
     mask:
-        ``[batch, length]`` bool (True = attend), or None for all.
+        ``[batch, length]`` (or ``[1, length]`` for every row) bool, True = attend; None for all.
     scale:
         Softmax scale (``1/sqrt(head_dim)`` for most models).
     num_splits:
@@ -316,9 +316,9 @@ def decode_attention(
         torch.empty(batch * q_heads * num_splits, 2, dtype=torch.float32, device=q.device) if split else out
     )
     if mask is not None:
-        if mask.shape != (batch, length):
+        if mask.dim() != 2 or mask.shape[1] != length or mask.shape[0] not in (1, batch):
             raise ValueError(f"mask must be [batch, length] = {(batch, length)}, got {tuple(mask.shape)}")
-        mask = mask.to(torch.bool)
+        mask = mask.to(torch.bool).expand(batch, length)  # a broadcast row: batch stride 0
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
     k_args, v_args = _buffer_args(k, q), _buffer_args(v, q)
