@@ -512,6 +512,8 @@ class QuantKVCache(Cache):
         token and skips reading the stored K/V back: the attention function reads the buffers
         itself (see :func:`fp4kv_cli.fused_attention.fused_decode`). None restores the gather
         read. Setting a predicate restarts each layer's ``kernel_reads`` count."""
+        if predicate is not None:
+            self.static_decode = None
         for layer in self.layers:
             layer.fuse_if = predicate
             layer.kernel_step = False

@@ -125,6 +125,8 @@ def test_static_decode_declines_what_it_cannot_run(
         tiny_llama_dir, dtype=torch.float32, attn_implementation="eager"
     )
     assert not static_decode.static_decode_supported(eager, make_cache(eager, "nvfp4", 64))
+    llama.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not static_decode.static_decode_supported(llama, make_cache(llama, "nvfp4", 64))
 
 
 def test_static_batch_continuations_equal_generate(
@@ -160,20 +162,46 @@ def test_static_batch_continuations_equal_generate(
     assert any(row.new_tokens < NEW_TOKENS for row in generated)
 
 
-def test_stop_index_is_where_generate_stops(tiny_llama_dir: Path) -> None:
-    """The first EOS / pad ends a row before it; a stop string ends it after the token that
-    completes it (the shortest prefix whose text holds it)."""
+def test_row_stops_are_where_generate_stops(smollm2_dir: Path) -> None:
+    """On a real tokenizer (SmolLM2's), ``RowStops`` ends rows as ``generate``'s criteria do: at
+    an EOS (not counted), after the token completing a stop string (counted), special-token stop
+    strings included, and a stop string that begins in the prompt."""
     from transformers import AutoTokenizer
 
-    from fp4kv_cli.evaluate.generate import _stop_index
+    from fp4kv_cli.evaluate.generate import RowStops
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    row = tokenizer("ab Question: cd", add_special_tokens=False).input_ids
-    eos = tokenizer.eos_token_id
-    assert _stop_index(tokenizer, row, [eos], []) is None
-    assert _stop_index(tokenizer, [*row, eos, *row], [eos], []) == len(row)
-    # This character-level tokenizer decodes with spaces between characters: a one-character stop.
-    through_q = len(tokenizer("ab Q", add_special_tokens=False).input_ids)
-    assert _stop_index(tokenizer, row, [eos], ["Q"]) == through_q
-    assert _stop_index(tokenizer, row, [eos], ["x", "Q"]) == through_q
-    assert _stop_index(tokenizer, [*row[:2], eos, *row[2:]], [eos], ["Q"]) == 2
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    stops = ["Question:", "<|im_end|>", "\n\n"]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    rows = [
+        ids(" 3 + 4 = 7. Question: what") + ids(" more text here"),
+        ids(" 12 apples<|im_end|> and then"),
+        ids("\nThe answer is 5") + ids(" and more words"),  # the prompt ends in "\n"
+        ids(" no stop at all") + [eos] + ids(" Question: after"),
+        ids(" runs to the end of the budget"),
+    ]
+    width = max(map(len, rows))
+    tokens = torch.tensor([row + [eos] * (width - len(row)) if i != 4 else row + ids(" x") * (width - len(row))
+                           for i, row in enumerate(rows)])  # fmt: skip
+    plain, newline = ids("Answer: ok")[-2:], ids("Answer: ok\n")[-2:]
+    assert tokenizer.decode(newline).endswith("\n") and not tokenizer.decode(plain).endswith("\n")
+
+    def counts(row2_prompt: list[int]) -> list[int]:
+        prompts = torch.tensor([plain, plain, row2_prompt, plain, plain])
+        stop = RowStops(prompts, [eos], tokenizer, stops)
+        for n in (3, 7, width):  # in several updates, as the decode loop checks
+            stop.update(tokens[:, :n])
+        return stop.counts(width).tolist()
+
+    got = counts(newline)
+    assert got[0] == len(ids(" 3 + 4 = 7. Question:"))
+    assert got[1] == len(ids(" 12 apples<|im_end|>"))
+    assert got[3] == len(ids(" no stop at all"))
+    assert got[4] == width
+    # Row 2: the prompt's trailing newline and the generated one make "\n\n" at once.
+    assert got[2] == 1
+    assert counts(plain)[2] > 1

@@ -108,12 +108,16 @@ def generate_batch(
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     ends = [t for t in (config.pad_token_id, *(config.eos_token_id or [])) if t is not None]
     if decode == "graph" and static_decode_supported(model, cache):
-        stop_at = config.stop_strings or []  # what generate would stop a row at (as supported)
+        row_stops = RowStops(input_ids, config.eos_token_id or [], tokenizer, config.stop_strings)
         tokens = greedy_static(
-            model, cache, input_ids, attention_mask, config.max_new_tokens,
-            lambda t: torch.tensor([_stop_index(tokenizer, row, ends, stop_at) is not None for row in t.tolist()]),
-        )  # fmt: skip
-        return [_continuation(tokenizer, row, ends, stop_at, stops) for row in tokens.tolist()]
+            model, cache, input_ids, attention_mask, config.max_new_tokens, row_stops.update
+        )
+        row_stops.update(tokens)
+        results = []
+        for row, count in zip(tokens.tolist(), row_stops.counts(tokens.shape[1]).tolist()):
+            raw = tokenizer.decode(row[:count], skip_special_tokens=True)
+            results.append(Continuation(cut_at_stop(raw, stops), raw, count))
+        return results
     fused = decode in ("fused", "graph")
     cache.set_token_mask(attention_mask)
     extra = {"tokenizer": tokenizer} if config.stop_strings else {}
@@ -134,34 +138,46 @@ def generate_batch(
     return results
 
 
-def _stop_index(tokenizer: Any, row: list[int], end_ids: Sequence[int], stops: Sequence[str]) -> int | None:
-    """Tokens of ``row`` up to where generation would have stopped: before its first EOS/pad
-    token, or through the first token whose text completes a stop string; None if neither."""
-    for index, token in enumerate(row):
-        if token in end_ids:
-            row = row[:index]
-            break
-    else:
-        index = None
-    if not any(stop and stop in tokenizer.decode(row, skip_special_tokens=True) for stop in stops):
-        return index
-    low, high = 1, len(row)  # the shortest prefix whose text holds a stop string (monotone in length)
-    while low < high:
-        middle = (low + high) // 2
-        text = tokenizer.decode(row[:middle], skip_special_tokens=True)
-        low, high = (low, middle) if any(stop and stop in text for stop in stops) else (middle + 1, high)
-    return low
+class RowStops:
+    """Where ``generate`` would have stopped each row of a static decode (which runs every row to
+    the end of the batch): at an EOS token (not counted) or when transformers'
+    ``StopStringCriteria`` fires on the prompt + tokens so far (the completing token counted).
 
+    Parameters
+    ----------
+    prompt_ids:
+        ``[batch, prompt]`` the left-padded prompts (a stop string may start in the prompt).
+    eos_ids:
+        The EOS token ids.
+    stop_strings:
+        Strings ``generate`` stops at, or None (the tokenizer does not support them).
+    """
 
-def _continuation(
-    tokenizer: Any, row: list[int], end_ids: Sequence[int], stop_at: Sequence[str], stops: Sequence[str]
-) -> Continuation:
-    """A static decode's row (which runs past its stop) as ``generate`` would have left it:
-    ended at EOS or a ``stop_at`` string, text cut at ``stops``."""
-    count = _stop_index(tokenizer, row, end_ids, stop_at)
-    count = len(row) if count is None else count
-    raw = tokenizer.decode(row[:count], skip_special_tokens=True)
-    return Continuation(cut_at_stop(raw, stops), raw, count)
+    def __init__(self, prompt_ids: torch.Tensor, eos_ids: Sequence[int], tokenizer: Any,
+                 stop_strings: Sequence[str] | None) -> None:  # fmt: skip
+        self.prompt_ids = prompt_ids
+        self.eos_ids = torch.tensor(list(eos_ids), dtype=torch.long, device=prompt_ids.device)
+        self.criteria = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
+        #: Tokens each row keeps (-1: still running), on the device.
+        self.ends = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=prompt_ids.device)
+        self.checked = 0
+
+    def update(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Look at the tokens ``[batch, n]`` not seen yet; returns which rows have stopped."""
+        for count in range(self.checked + 1, tokens.shape[1] + 1):
+            eos = torch.isin(tokens[:, count - 1], self.eos_ids)
+            hit = eos
+            if self.criteria is not None:
+                sequence = torch.cat([self.prompt_ids, tokens[:, :count]], dim=1)
+                hit = hit | self.criteria(sequence, None)
+            new = hit & (self.ends < 0)
+            self.ends = torch.where(new, torch.where(eos, count - 1, count), self.ends)
+        self.checked = max(self.checked, tokens.shape[1])
+        return self.ends >= 0
+
+    def counts(self, length: int) -> torch.Tensor:
+        """Tokens each row keeps, ``length`` for rows that never stopped."""
+        return torch.where(self.ends >= 0, self.ends, length)
 
 
 def _trailing(tokens: torch.Tensor, end_ids: Sequence[int]) -> torch.Tensor:

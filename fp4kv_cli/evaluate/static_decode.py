@@ -8,14 +8,16 @@ advances, the cache writes at that slot (:meth:`QuantKVCache.begin_static_decode
 decode-attention kernel reads the buffers under the mask. On CUDA the step is captured once
 into a CUDA graph and replayed; elsewhere (the CPU tests) the same step runs eagerly.
 
-Rows are independent, so a row's tokens up to its stop are those ``generate`` would produce; the
-loop runs until every row has stopped (checked every ``check_every`` steps) or the budget ends,
-and the caller cuts each row at its stop.
+Rows are independent, so a row's tokens up to its stop are those ``generate`` would produce (up
+to near-ties: the kernel sums over the whole capacity in other splits than over the filled length,
+so the last bits of a score can differ); the loop runs until every row has stopped (checked every
+``CHECK_EVERY`` steps) or the budget ends, and the caller cuts each row at its stop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +40,10 @@ def static_decode_supported(model: Any, cache: Any) -> bool:
         return False
     text = model.config.get_text_config(decoder=True)
     if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return False
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    rope_type = str(rope.get("rope_type", rope.get("type", "default")))
+    if "dynamic" in rope_type or rope_type == "longrope":  # frequencies follow the length: host syncs
         return False
     parameter = next(model.parameters())
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -63,7 +69,8 @@ def greedy_static(
     Parameters
     ----------
     cache:
-        A fresh cache with room for ``prompt + max_new_tokens`` tokens per row (its capacity hint).
+        A fresh cache with room for ``prompt + max_new_tokens - 1`` tokens per row (its capacity
+        hint; the last token is never written).
     stopped:
         ``tokens [batch, n] -> bool [batch]``: which rows have stopped (EOS, a stop string); the
         loop ends when all have. None runs the whole budget.
@@ -83,7 +90,10 @@ def greedy_static(
                        logits_to_keep=1, **argument).logits  # fmt: skip
         tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         tokens[:, 0] = logits[:, -1].argmax(-1)
-        capacity = min(layer.capacity for layer in cache.layers)
+        capacities = {layer.capacity for layer in cache.layers}
+        if len(capacities) != 1:
+            raise ValueError(f"static decoding needs one capacity for every layer, got {sorted(capacities)}")
+        capacity = capacities.pop()
         if not on or not all(fusable(layer) for layer in cache.layers):
             raise ValueError(
                 "static decoding needs the fused decode attention; check static_decode_supported"
@@ -110,6 +120,7 @@ def greedy_static(
             state.advance(out[:, -1].argmax(-1))
 
         cache.begin_static_decode(state.slot)
+        done = 1
         try:
             done = _run_steps(
                 step,
@@ -122,15 +133,17 @@ def greedy_static(
     return tokens[:, :done]
 
 
+@dataclass
 class _StepState:
     """Device tensors a static step reads and advances: the token to write and its rotary position
     per row, the slot all rows write, the output column, the mask and the output tokens."""
 
-    def __init__(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, column: torch.Tensor,
-                 mask: torch.Tensor, tokens: torch.Tensor) -> None:  # fmt: skip
-        self.ids, self.positions, self.slot, self.column, self.mask, self.tokens = (
-            ids, positions, slot, column, mask, tokens,
-        )  # fmt: skip
+    ids: torch.Tensor
+    positions: torch.Tensor
+    slot: torch.Tensor
+    column: torch.Tensor
+    mask: torch.Tensor
+    tokens: torch.Tensor
 
     def advance(self, next_ids: torch.Tensor) -> None:
         """Record ``next_ids [batch]`` and move every counter one token on (device ops only)."""
