@@ -167,6 +167,7 @@ class QuantKVLayer(CacheLayerMixin):
         #: ``update`` skips the read and sets ``kernel_step``, telling the attention function to
         #: attend from the buffers itself (it clears the flag and counts ``kernel_reads``).
         self.fuse_if: Callable[[QuantKVLayer], bool] | None = None
+        self._fusable: bool | None = None  # fuse_if's verdict, once the buffers exist
         self.kernel_step = False
         self.kernel_reads = 0
 
@@ -210,7 +211,9 @@ class QuantKVLayer(CacheLayerMixin):
         self._store(write, keys, value_states, key_states)
         self.length = start + new
         if new == 1:
-            self.kernel_step = self.fuse_if is not None and self.fuse_if(self)
+            if self._fusable is None:  # formats, dtype and device are fixed from here on
+                self._fusable = self.fuse_if is not None and self.fuse_if(self)
+            self.kernel_step = self._fusable
             if self.kernel_step:  # the attention kernel reads the buffers (fp4kv_cli.fused_attention)
                 return key_states, value_states
             return self._read(self.length)
@@ -252,6 +255,7 @@ class QuantKVLayer(CacheLayerMixin):
         self.buffers = None
         self.length = self.capacity = self.batch = 0
         self.is_initialized = False
+        self._fusable = None
         if self.dynamic_k:
             self.k_scale = None
         if self.dynamic_v:
@@ -516,6 +520,7 @@ class QuantKVCache(Cache):
             self.static_decode = None
         for layer in self.layers:
             layer.fuse_if = predicate
+            layer._fusable = None
             layer.kernel_step = False
             if predicate is not None:
                 layer.kernel_reads = 0

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import string
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -51,6 +52,18 @@ def load_interpreted_kernels(name: str = "triton_fp4") -> ModuleType:
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "fp4kv_cli.quant.kernels.triton_fp4", helpers)
         return _exec_private(name)
+
+
+@pytest.fixture(scope="module")
+def interpreted_attention() -> Iterator[ModuleType]:
+    """The decode-attention kernels interpreted on CPU (``TRITON_INTERPRET=1`` while the module
+    runs); the package's own kernels are imported compiled first, so only this copy interprets."""
+    from fp4kv_cli import fused_attention
+
+    fused_attention.decode_kernels()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield load_interpreted_kernels("decode_attention")
 
 
 def _exec_private(name: str) -> ModuleType:

@@ -10,14 +10,12 @@ generation through :func:`fused_decode` must match the gather read path.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from conftest import load_interpreted_kernels
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from fp4kv_cli import fused_attention
@@ -38,14 +36,6 @@ CASES = [
     ("fp8", "blockfp4", torch.float32),
     ("bf16", "nvfp4", torch.float32),
 ]
-
-
-@pytest.fixture(scope="module")
-def interpreted() -> Iterator[ModuleType]:
-    fused_attention.decode_kernels()  # the package's own kernels, imported compiled before the variable is set
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield load_interpreted_kernels("decode_attention")
 
 
 def stored(kernels: ModuleType, fmt: str, x: torch.Tensor, capacity: int, dtype: torch.dtype):
@@ -111,21 +101,21 @@ def check_kernel(kernels: ModuleType, k_fmt: str, v_fmt: str, dtype: torch.dtype
 @pytest.mark.parametrize("splits", [1, 3], ids=["one-split", "three-splits"])
 @pytest.mark.parametrize(("k_fmt", "v_fmt", "dtype"), CASES)
 def test_kernel_equals_attention_over_dequantized_values(
-    interpreted: ModuleType, k_fmt: str, v_fmt: str, dtype: torch.dtype, splits: int
+    interpreted_attention: ModuleType, k_fmt: str, v_fmt: str, dtype: torch.dtype, splits: int
 ) -> None:
-    check_kernel(interpreted, k_fmt, v_fmt, dtype, "cpu", splits)
+    check_kernel(interpreted_attention, k_fmt, v_fmt, dtype, "cpu", splits)
 
 
-def test_kernel_sees_a_wrong_scale(interpreted: ModuleType) -> None:
+def test_kernel_sees_a_wrong_scale(interpreted_attention: ModuleType) -> None:
     """The comparison above can fail: V read with K's scale is far off."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 40, 2, 32, generator=gen)
-    k_src, k_vals = stored(interpreted, "nvfp4", x * 4, 48, torch.float32)
-    v_src, v_vals = stored(interpreted, "nvfp4", x, 48, torch.float32)
-    wrong = interpreted.KVSource("nvfp4", v_src.data, v_src.block_scales, k_src.tensor_scale)
+    k_src, k_vals = stored(interpreted_attention, "nvfp4", x * 4, 48, torch.float32)
+    v_src, v_vals = stored(interpreted_attention, "nvfp4", x, 48, torch.float32)
+    wrong = interpreted_attention.KVSource("nvfp4", v_src.data, v_src.block_scales, k_src.tensor_scale)
     q = torch.randn(2, 4, 32, generator=gen)
     mask = torch.ones(2, 40, dtype=torch.bool)
-    got = interpreted.decode_attention(q, k_src, wrong, 40, 48, mask, 32**-0.5)
+    got = interpreted_attention.decode_attention(q, k_src, wrong, 40, 48, mask, 32**-0.5)
     assert (got - attention_reference(q, k_vals, v_vals, mask, 32**-0.5)).abs().max() > 0.1
 
 
@@ -193,10 +183,10 @@ def check_generation(folder: Path, fmt: str, device: str) -> None:
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])  # blockfp4 tiles: the kernel test above
 def test_fused_generation_equals_gather_path(
-    tiny_qwen2_dir: Path, fmt: str, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_qwen2_dir: Path, fmt: str, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tiny Qwen2 (GQA 3, a sliding-window layer, left padding): same tokens, logits within 1e-4."""
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     check_generation(tiny_qwen2_dir, fmt, "cpu")
 
 
@@ -206,9 +196,9 @@ def test_gpu_fused_generation_equals_gather_path(tiny_qwen2_dir: Path, fmt: str)
     check_generation(tiny_qwen2_dir, fmt, "cuda")
 
 
-def test_fused_decode_leaves_other_caches_alone(tiny_llama_dir: Path, interpreted: ModuleType,
+def test_fused_decode_leaves_other_caches_alone(tiny_llama_dir: Path, interpreted_attention: ModuleType,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     before = model.config._attn_implementation
     with fused_attention.fused_decode(model, DynamicCache(config=model.config)) as on:
@@ -217,10 +207,10 @@ def test_fused_decode_leaves_other_caches_alone(tiny_llama_dir: Path, interprete
 
 
 def test_fused_decode_leaves_non_sdpa_models_alone(
-    tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model on eager attention (softcapping, sinks ... that SDPA would drop) keeps the gather read."""
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     model = AutoModelForCausalLM.from_pretrained(
         tiny_llama_dir, dtype=torch.float32, attn_implementation="eager"
     )
@@ -232,9 +222,9 @@ def test_fused_decode_leaves_non_sdpa_models_alone(
 
 
 def test_fused_decode_restores_the_model_after_an_error(
-    tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     before = model.config._attn_implementation
     cache = QuantKVCache.for_model(model.config, get_kv_cache_method("blockfp4"))
@@ -246,11 +236,11 @@ def test_fused_decode_restores_the_model_after_an_error(
 
 
 def test_a_forward_that_skips_the_cache_update_gets_sdpa(
-    tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The kernel read is one-shot: a one-token forward after a fused step that does not store
     into the cache (here ``use_cache=False``) attends to its own K/V, as without the context."""
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     cache = QuantKVCache.for_model(model.config, get_kv_cache_method("bf16", dtype=torch.float32))
     ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -6,13 +6,11 @@ captured in a CUDA graph and replayed. Either way its tokens must be ``generate`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import load_interpreted_kernels
 from transformers import AutoModelForCausalLM
 
 from fp4kv_cli import fused_attention
@@ -25,14 +23,6 @@ from fp4kv_cli.quant.registry import get_kv_cache_method
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 NEW_TOKENS = 20
 EOS = 2  # the tiny models' end of sequence
-
-
-@pytest.fixture(scope="module")
-def interpreted() -> Iterator[ModuleType]:
-    fused_attention.decode_kernels()  # the package's own kernels, imported compiled before the variable is set
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield load_interpreted_kernels("decode_attention")
 
 
 def make_cache(model: torch.nn.Module, fmt: str, capacity: int) -> QuantKVCache:
@@ -79,9 +69,9 @@ def check_static_equals_generate(folder: Path, fmt: str, device: str) -> None:
 
 @pytest.mark.parametrize("fmt", ["bf16", "nvfp4"])
 def test_static_decode_equals_generate(
-    tiny_llama_dir: Path, fmt: str, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path, fmt: str, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     check_static_equals_generate(tiny_llama_dir, fmt, "cpu")
 
 
@@ -92,9 +82,9 @@ def test_gpu_static_decode_in_a_cuda_graph_equals_generate(tiny_llama_dir: Path,
 
 
 def test_static_decode_stops_when_every_row_has_stopped(
-    tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     monkeypatch.setattr(static_decode, "CHECK_EVERY", 4)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     ids, mask = inputs(model.config.vocab_size, "cpu")
@@ -111,9 +101,12 @@ def test_static_decode_stops_when_every_row_has_stopped(
 
 
 def test_static_decode_declines_what_it_cannot_run(
-    tiny_qwen2_dir: Path, tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_qwen2_dir: Path,
+    tiny_llama_dir: Path,
+    interpreted_attention: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     assert static_decode.static_decode_supported(llama, make_cache(llama, "nvfp4", 64))
     assert not static_decode.static_decode_supported(llama, object())
@@ -130,7 +123,7 @@ def test_static_decode_declines_what_it_cannot_run(
 
 
 def test_static_batch_continuations_equal_generate(
-    tiny_llama_dir: Path, interpreted: ModuleType, monkeypatch: pytest.MonkeyPatch
+    tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``generate_batch(decode="graph")`` (static steps, eager on CPU) ends every row where
     ``generate`` does: same text, raw text and token count. The "EOS" is a token the model
@@ -139,7 +132,7 @@ def test_static_batch_continuations_equal_generate(
 
     from fp4kv_cli.evaluate.generate import generate_batch, greedy_config
 
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted)
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tokenizer.pad_token = tokenizer.unk_token

@@ -106,18 +106,13 @@ def generate_batch(
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
-    ends = [t for t in (config.pad_token_id, *(config.eos_token_id or [])) if t is not None]
     if decode == "graph" and static_decode_supported(model, cache):
         row_stops = RowStops(input_ids, config.eos_token_id or [], tokenizer, config.stop_strings)
         tokens = greedy_static(
             model, cache, input_ids, attention_mask, config.max_new_tokens, row_stops.update
         )
         row_stops.update(tokens)
-        results = []
-        for row, count in zip(tokens.tolist(), row_stops.counts(tokens.shape[1]).tolist()):
-            raw = tokenizer.decode(row[:count], skip_special_tokens=True)
-            results.append(Continuation(cut_at_stop(raw, stops), raw, count))
-        return results
+        return _continuations(tokenizer, tokens, row_stops.counts(tokens.shape[1]), stops)
     fused = decode in ("fused", "graph")
     cache.set_token_mask(attention_mask)
     extra = {"tokenizer": tokenizer} if config.stop_strings else {}
@@ -130,9 +125,16 @@ def generate_batch(
             **{cache_argument(model): cache},
         )
     generated = out[:, input_ids.shape[1] :]
-    counts = generated.shape[1] - _trailing(generated, ends)
+    ends = [t for t in (config.pad_token_id, *(config.eos_token_id or [])) if t is not None]
+    return _continuations(tokenizer, generated, generated.shape[1] - _trailing(generated, ends), stops)
+
+
+def _continuations(
+    tokenizer: Any, tokens: torch.Tensor, counts: torch.Tensor, stops: Sequence[str]
+) -> list[Continuation]:
+    """Each row of ``tokens [batch, n]`` kept to its ``counts`` tokens, decoded and cut at ``stops``."""
     results = []
-    for row, count in zip(generated.tolist(), counts.tolist()):
+    for row, count in zip(tokens.tolist(), counts.tolist()):
         raw = tokenizer.decode(row[:count], skip_special_tokens=True)
         results.append(Continuation(cut_at_stop(raw, stops), raw, count))
     return results
@@ -155,9 +157,11 @@ class RowStops:
 
     def __init__(self, prompt_ids: torch.Tensor, eos_ids: Sequence[int], tokenizer: Any,
                  stop_strings: Sequence[str] | None) -> None:  # fmt: skip
-        self.prompt_ids = prompt_ids
         self.eos_ids = torch.tensor(list(eos_ids), dtype=torch.long, device=prompt_ids.device)
         self.criteria = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
+        # The criteria look at the last ``maximum_token_len`` tokens only: keep that much prompt.
+        self.tail = self.criteria.maximum_token_len if self.criteria is not None else 0
+        self.prompt_tail = prompt_ids[:, prompt_ids.shape[1] - min(self.tail, prompt_ids.shape[1]) :]
         #: Tokens each row keeps (-1: still running), on the device.
         self.ends = torch.full((prompt_ids.shape[0],), -1, dtype=torch.long, device=prompt_ids.device)
         self.checked = 0
@@ -168,7 +172,8 @@ class RowStops:
             eos = torch.isin(tokens[:, count - 1], self.eos_ids)
             hit = eos
             if self.criteria is not None:
-                sequence = torch.cat([self.prompt_ids, tokens[:, :count]], dim=1)
+                recent = tokens[:, max(0, count - self.tail) : count]
+                sequence = torch.cat([self.prompt_tail, recent], dim=1)
                 hit = hit | self.criteria(sequence, None)
             new = hit & (self.ends < 0)
             self.ends = torch.where(new, torch.where(eos, count - 1, count), self.ends)

@@ -25,7 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fp4kv_cli.quant.kernels.triton_fp4 import _DTYPE_IDS, INTERPRETED, _e2m1_value, _e4m3_decode, _half_bits
+from fp4kv_cli.quant.kernels.triton_fp4 import (
+    _DTYPE_IDS,
+    INTERPRETED,
+    _decode_pairs,
+    _e4m3_decode,
+    _half_bits,
+)
 
 #: Kernel format ids of the quant methods whose buffers the kernel reads, by method name.
 FORMAT_IDS = {"bf16": 0, "fp8": 1, "nvfp4": 2, "blockfp4": 3}
@@ -126,18 +132,7 @@ def _load_tile(
         )
         srow = slot * scale_stride_tok + head * scale_stride_head
         sbyte = tl.load(scale_ptr + srow[:, None] + tl.arange(0, NB)[None, :], mask=valid[:, None], other=0)
-        sbyte = sbyte.to(tl.int32)
-        if FMT == 2:
-            scale = _e4m3_decode(sbyte)
-        else:
-            scale = tl.where(sbyte == 0, 0x00400000, sbyte << 23).to(tl.float32, bitcast=True)
-        s3 = scale[:, :, None]
-        lo = _e2m1_value(packed & 15) * s3
-        hi = _e2m1_value(packed >> 4) * s3
-        if FMT == 2:
-            g = tl.load(tensor_scale_ptr)
-            lo = lo * g
-            hi = hi * g
+        lo, hi = _decode_pairs(packed, sbyte.to(tl.int32), tensor_scale_ptr, FMT == 2)
         tile = tl.reshape(tl.join(_round(lo, KIND, INTERPRETER), _round(hi, KIND, INTERPRETER)), (BLOCK, D))
     return tile
 

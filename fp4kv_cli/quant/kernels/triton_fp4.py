@@ -127,6 +127,25 @@ def _e2m1_value(code):
 
 
 @triton.jit
+def _decode_pairs(packed, scale_byte, g_ptr, NVFP4: tl.constexpr):
+    """fp32 values of the even (low nibble) and odd elements of packed bytes ``[rows, blocks, pairs]``
+    (int32) with their blocks' scale bytes ``[rows, blocks]`` (int32): ``E2M1 * E4M3 scale * g``
+    (NVFP4, ``g`` read from ``g_ptr``) or ``E2M1 * UE8M0 scale`` (BlockFP4), the reference's products."""
+    if NVFP4:
+        scale = _e4m3_decode(scale_byte)
+    else:
+        scale = tl.where(scale_byte == 0, 0x00400000, scale_byte << 23).to(tl.float32, bitcast=True)
+    s3 = scale[:, :, None]
+    lo = _e2m1_value(packed & 15) * s3
+    hi = _e2m1_value(packed >> 4) * s3
+    if NVFP4:
+        g = tl.load(g_ptr)
+        lo = lo * g
+        hi = hi * g
+    return lo, hi
+
+
+@triton.jit
 def _half_bits(v, OUT_KIND: tl.constexpr, SOFT_BF16: tl.constexpr):
     """16-bit encoding (int32 0..0xFFFF) of fp32 ``v`` as bf16 (OUT_KIND 0) or fp16 (1), nearest even."""
     if OUT_KIND == 1:
@@ -331,17 +350,7 @@ def _dequantize_kernel(
     scale_byte = tl.load(scale_ptr + (scale_src[:, None] + blocks[None, :]), mask=block_ok, other=0).to(
         tl.int32
     )
-    if FMT == 0:
-        scale = _e4m3_decode(scale_byte)
-    else:
-        scale = tl.where(scale_byte == 0, 0x00400000, scale_byte << 23).to(tl.float32, bitcast=True)
-    s3 = scale[:, :, None]
-    lo = _e2m1_value(packed & 15) * s3
-    hi = _e2m1_value(packed >> 4) * s3
-    if FMT == 0:
-        g = tl.load(g_ptr)
-        lo = lo * g
-        hi = hi * g
+    lo, hi = _decode_pairs(packed, scale_byte, g_ptr, FMT == 0)
     if OUT_KIND == 2:
         word = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (
             hi.to(tl.int32, bitcast=True).to(tl.int64) << 32
