@@ -70,11 +70,12 @@ def gsm8k(
         str,
         typer.Option(
             "--decode-attention",
-            help="fused: decode steps attend straight from the FP4/FP8/bf16 buffers with the Triton kernel "
-            "(GPU); graph: the same with static shapes, each decode step one CUDA graph replay (full-attention "
-            "models); gather: dequantize the prefix, then SDPA (the CPU path).",
+            help="graph: decode steps attend straight from the FP4/FP8/bf16 buffers with the Triton kernel, "
+            "static shapes, each step one CUDA graph replay (GPU, full-attention SDPA models; else fused); "
+            "fused: the same kernel, eager steps through generate (GPU; else gather); gather: dequantize the "
+            "prefix, then SDPA (the CPU path).",
         ),
-    ] = "fused",
+    ] = "graph",
 ) -> None:
     """GSM8K (lm-eval gsm8k prompt and scoring) with the KV cache really stored in each format."""
     settings = EvalSettings(

@@ -94,15 +94,16 @@ def generate_batch(
     cache: QuantKVCache,
     config: GenerationConfig,
     stops: Sequence[str],
-    decode: str = "fused",
+    decode: str = "graph",
 ) -> list[Continuation]:
     """Greedy continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch).
 
-    ``decode``: ``fused`` — decode steps attend straight from the cache's buffers with the
-    decode-attention kernel where it runs (:func:`fp4kv_cli.fused_attention.fused_decode`);
-    ``graph`` — the same with static shapes, each step one CUDA graph replay
-    (:mod:`fp4kv_cli.evaluate.static_decode`), where supported, else ``fused``; ``gather`` —
-    the prefix is read back as dequantized tensors and SDPA runs.
+    ``decode``: ``graph`` — decode steps attend straight from the cache's buffers with the
+    decode-attention kernel, static shapes, each step one CUDA graph replay
+    (:mod:`fp4kv_cli.evaluate.static_decode`), where supported, else ``fused``; ``fused`` — the
+    same kernel in eager steps through ``generate`` where it runs
+    (:func:`fp4kv_cli.fused_attention.fused_decode`), else ``gather``; ``gather`` — the prefix is
+    read back as dequantized tensors and SDPA runs.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)

@@ -52,7 +52,7 @@ REFERENCE = "bf16"
 RECIPE = "recipe"
 #: How decode steps read the cache: the fused kernel (where it runs), the same in static-shape
 #: steps replayed as CUDA graphs, or dequantized copies + SDPA.
-DECODE_ATTENTION = ("fused", "graph", "gather")
+DECODE_ATTENTION = ("graph", "fused", "gather")
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class EvalSettings:
     out: str = "results"
     run_name: str | None = None
     resume: bool = False
-    decode_attention: str = "fused"
+    decode_attention: str = "graph"
 
 
 def parse_kv_dtypes(text: str) -> tuple[str, ...]:
