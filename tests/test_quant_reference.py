@@ -243,3 +243,28 @@ def test_low_precision_inputs_match_fp32_of_same_values(dtype: torch.dtype) -> N
     assert all(torch.equal(a, b) for a, b in zip(nvfp4_quantize_reference(x, g), nvfp4_quantize_reference(x.float(), g)))
     out = nvfp4_dequantize_reference(*nvfp4_quantize_reference(x, g), g, dtype)
     assert out.dtype == dtype and out.shape == x.shape
+
+
+def test_four_over_six_rule_is_never_worse_and_reads_as_plain_nvfp4() -> None:
+    """scripts/block_scale_rule.py's 4-over-6 writer: its bytes decode with the unchanged NVFP4
+    reader, each block is reconstructed at least as well as by the shipped max->6 rule, and the
+    max->4 candidate is really taken on some blocks (else the experiment measures nothing)."""
+    from conftest import load_script
+
+    rule = load_script("block_scale_rule")
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 256, generator=gen) * torch.logspace(-2, 1, 256)  # spread block ranges
+    g = float(x.abs().max()) / (6 * 448)
+    shipped = nvfp4_dequantize_reference(*nvfp4_quantize_reference(x, g), g, torch.float32)
+    packed, scales = rule.nvfp4_quantize_four_over_six(x, g)
+    chosen = nvfp4_dequantize_reference(packed, scales, g, torch.float32)
+    block_err = lambda y: ((y - x) ** 2).reshape(64, -1, 16).sum(-1)  # noqa: E731
+    assert torch.all(block_err(chosen) <= block_err(shipped))
+    taken = block_err(chosen) < block_err(shipped)
+    assert 0.05 < taken.float().mean() < 0.95
+    assert float(block_err(chosen).sum()) < 0.95 * float(block_err(shipped).sum())
+    with rule.four_over_six():
+        from fp4kv_cli.quant import reference
+
+        assert reference.nvfp4_quantize_reference is rule.nvfp4_quantize_four_over_six
+    assert reference.nvfp4_quantize_reference is not rule.nvfp4_quantize_four_over_six
