@@ -345,10 +345,10 @@ class QuantKVLayer(CacheLayerMixin):
         """Per-tensor scales of the dynamic tensors (only those) from the amax of the real
         (unmasked) prefill tokens; no host sync."""
         if self.dynamic_k:  # scale per unit amax (host floats)
-            k_unit = float(self.k_method.scales_from_amax([1.0], [1.0]).k[0])
+            k_unit = float(self.k_method.scale_from_amax(1.0))
             self.k_scale = (self._real_amax(keys) * k_unit).clamp(min=torch.finfo(torch.float32).tiny)
         if self.dynamic_v:
-            v_unit = float(self.v_method.scales_from_amax([1.0], [1.0]).v[0])
+            v_unit = float(self.v_method.scale_from_amax(1.0))
             self.v_scale = (self._real_amax(values) * v_unit).clamp(min=torch.finfo(torch.float32).tiny)
 
     def _real_amax(self, x: torch.Tensor) -> torch.Tensor:

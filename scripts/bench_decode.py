@@ -23,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,11 @@ from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.generate import left_pad, neutral_generation_defaults
 from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
-from fp4kv_cli.evaluate.runner import kv_method
+from fp4kv_cli.evaluate.runner import cache_factory, k_offsets_for
 from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
+from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import cache_argument, load_model_and_tokenizer, parse_dtype, resolve_device
-from fp4kv_cli.quant.methods import KVCacheMethod
 from fp4kv_cli.quant.scales import load_scales_file
 
 TOP_OPS = 12
@@ -61,21 +62,25 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
     return [tokenizer(t).input_ids for t in fewshot_prompts(test[:count], train, 5)]
 
 
-def make_cache(model: Any, kv: str, dtype: torch.dtype, scales_path: str | None, capacity: int) -> Any:
-    """A fresh cache of variant ``kv`` (``dynamic`` or a format name, ``-gather`` suffix ignored)."""
-    kv = kv.removesuffix(GATHER).removesuffix(GRAPH)
-    if kv == "dynamic":
-        return DynamicCache(config=model.config)
-    method: KVCacheMethod = kv_method(kv, dtype)
+def cache_maker(
+    model: Any, model_path: str, formats: Sequence[str], dtype: torch.dtype, scales_path: str | None
+) -> Callable[[str, int], Any]:
+    """``make_cache(variant, capacity)``: a fresh cache of a variant (``dynamic``, or one of
+    ``formats`` with or without a ``-gather`` / ``-graph`` suffix); the formats' caches are built
+    as ``fp4kv eval gsm8k`` builds them (scales, K offsets and recipe from ``scales_path``)."""
+    config = load_config_dict(model_path)
     scales_file = load_scales_file(scales_path) if scales_path else None
-    scales = method.load_scales(scales_file) if scales_file and method.uses_tensor_scale else None
-    offsets = KVCacheMethod.load_k_offsets(scales_file) if scales_file and kv != "bf16" else None
+    if scales_file is not None:
+        scales_file.check_model(config)
+    offsets = k_offsets_for(scales_file, KVShape.from_config(config))
     device = next(model.parameters()).device
-    if scales is not None:
-        scales = type(scales)(k=scales.k.to(device), v=scales.v.to(device))
-    return QuantKVCache.for_model(
-        model.config, method, scales, None if offsets is None else offsets.to(device), capacity
-    )
+    quantized = cache_factory(model.config, formats, scales_file, offsets, dtype, device)
+
+    def make_cache(kv: str, capacity: int) -> Any:
+        kv = kv.removesuffix(GATHER).removesuffix(GRAPH)
+        return DynamicCache(config=model.config) if kv == "dynamic" else quantized(kv, capacity)
+
+    return make_cache
 
 
 class ProfilerStep(StoppingCriteria):
@@ -176,9 +181,8 @@ def main() -> None:
     ids, mask = left_pad(prompts(tokenizer, args.batch_size), tokenizer.pad_token_id, device)
     capacity = ids.shape[1] + args.new_tokens
     formats = [k.strip() for k in args.kv.split(",") if k.strip()]
-    if args.graph and not all(
-        static_decode_supported(model, make_cache(model, f, dtype, args.scales, capacity)) for f in formats
-    ):
+    make_cache = cache_maker(model, args.model, formats, dtype, args.scales)
+    if args.graph and not all(static_decode_supported(model, make_cache(f, capacity)) for f in formats):
         parser.error(
             "--graph needs CUDA, an SDPA model with full attention only, and formats the kernel reads"
         )
@@ -187,7 +191,7 @@ def main() -> None:
     variants += [f + GRAPH for f in formats] if args.graph else []
 
     def run(kv: str, steps: int, stopping: StoppingCriteriaList | None = None) -> None:
-        cache = make_cache(model, kv, dtype, args.scales, capacity)
+        cache = make_cache(kv, capacity)
         if kv.endswith(GRAPH):  # no profiler steps here: a replay is one graph launch
             greedy_static(model, cache, ids, mask, steps)
         else:

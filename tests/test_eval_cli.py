@@ -123,7 +123,7 @@ def _scales_for_three_layers(path: Path) -> Path:
     [
         (["--kv-dtype", "bf16,int3"], "unknown KV cache dtype 'int3'"),
         (["--limit", "0"], "--limit must be > 0"),
-        (["--decode-attention", "paged"], "--decode-attention must be one of fused, graph, gather"),
+        (["--decode-attention", "paged"], "--decode-attention must be one of graph, fused, gather"),
         (["--chat"], "has no chat template"),
         (["--scales", "SCALES"], "scales file has 3 layers but the model has 2"),
         (["--out", "BLOCKED"], "cannot write to"),

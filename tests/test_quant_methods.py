@@ -134,6 +134,14 @@ def test_load_scales_conventions_per_method() -> None:
     assert BlockFP4KVMethod().load_scales(data) is None
 
 
+def test_scale_from_amax_is_per_tensor() -> None:
+    assert float(NVFP4KVMethod().scale_from_amax(2688.0)) == 1.0
+    fp8 = get_kv_cache_method("fp8").scale_from_amax(torch.tensor([448.0, 896.0]))
+    assert fp8.dtype == torch.float32 and fp8.tolist() == [1.0, 2.0]
+    assert BlockFP4KVMethod().scale_from_amax(1.0) is None
+    assert get_kv_cache_method("bf16").scale_from_amax(1.0) is None
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), None])
 def test_load_scales_refuses_bad_amax(bad: float | None) -> None:
     with pytest.raises(FP4KVError, match="k_amax"):

@@ -258,7 +258,10 @@ def test_four_over_six_rule_is_never_worse_and_reads_as_plain_nvfp4() -> None:
     shipped = nvfp4_dequantize_reference(*nvfp4_quantize_reference(x, g), g, torch.float32)
     packed, scales = rule.nvfp4_quantize_four_over_six(x, g)
     chosen = nvfp4_dequantize_reference(packed, scales, g, torch.float32)
-    block_err = lambda y: ((y - x) ** 2).reshape(64, -1, 16).sum(-1)  # noqa: E731
+
+    def block_err(y: torch.Tensor) -> torch.Tensor:
+        return ((y - x) ** 2).reshape(64, -1, 16).sum(-1)
+
     assert torch.all(block_err(chosen) <= block_err(shipped))
     taken = block_err(chosen) < block_err(shipped)
     assert 0.05 < taken.float().mean() < 0.95

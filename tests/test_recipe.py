@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.cli import app
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.evaluate.runner import parse_kv_dtypes, recipe_spec
+from fp4kv_cli.evaluate.runner import cache_factory, parse_kv_dtypes, recipe_spec
 from fp4kv_cli.quant import reference
 from fp4kv_cli.quant.methods import BF16KVMethod
 from fp4kv_cli.quant.registry import get_kv_cache_method
@@ -96,6 +96,21 @@ def test_recipe_spec_takes_each_layers_scale_from_its_own_method() -> None:
     )
     assert spec.k_scales[1] is None and spec.v_scales[1] is None
     assert [m.name for m in spec.k_methods + spec.v_methods] == ["nvfp4", "bf16", "fp8", "blockfp4"]
+
+
+def test_cache_factory_builds_each_kv_dtype_as_the_eval_does() -> None:
+    scales_file = parse_scales(_scales([("nvfp4", "fp8"), ("bf16", "blockfp4")]))
+    offsets = torch.randn(2, H, D)
+    make_cache = cache_factory(CONFIG, ("nvfp4", "recipe"), scales_file, offsets, torch.float32, "cpu")
+    reference_layer = make_cache("bf16", 8).layers[0]
+    assert isinstance(reference_layer.k_method, BF16KVMethod) and reference_layer.k_offset is None
+    nvfp4 = make_cache("nvfp4", 8).layers[1]
+    assert float(nvfp4.k_scale) == pytest.approx(4 / 2688) and float(nvfp4.v_scale) == pytest.approx(2 / 2688)
+    assert torch.equal(nvfp4.k_offset, offsets[1])
+    recipe = make_cache("recipe", 8).layers
+    formats = [(layer.k_method.name, layer.v_method.name) for layer in recipe]
+    assert formats == [("nvfp4", "fp8"), ("bf16", "blockfp4")]
+    assert float(recipe[0].v_scale) == pytest.approx(2 / 448) and torch.equal(recipe[1].k_offset, offsets[1])
 
 
 def _scales(formats: list[tuple[str | None, str | None]]) -> dict:

@@ -37,8 +37,7 @@ class KDecomposition:
 
 def dynamic_scale(method: KVCacheMethod, x: torch.Tensor) -> torch.Tensor | None:
     """The per-tensor scale ``method`` would use for ``x`` from its own amax (None if none)."""
-    scales = method.scales_from_amax([float(x.abs().max().clamp(min=1e-30))], [1.0])
-    return None if scales is None else scales.k[0]
+    return method.scale_from_amax(x.abs().max().clamp(min=1e-30))
 
 
 def decompose_k(method: KVCacheMethod, keys: torch.Tensor) -> KDecomposition:

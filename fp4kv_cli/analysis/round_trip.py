@@ -7,11 +7,12 @@ quantizing a subset of heads gives those heads the same values as quantizing all
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from fp4kv_cli.quant.methods import BF16KVMethod, Buffers, KVCacheMethod, LayerScales
+from fp4kv_cli.quant.methods import BF16KVMethod, Buffers, KVCacheMethod
 
 
 def round_trip(method: KVCacheMethod, x: torch.Tensor, scale: float | torch.Tensor | None) -> torch.Tensor:
@@ -51,8 +52,8 @@ class HeadSubsetMethod(KVCacheMethod):
     def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
         return self.storage.compute_cell_size(head_num, head_dim, num_layers, kv_size)
 
-    def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales | None:
-        return self.base.scales_from_amax(k_amax, v_amax)
+    def scale_from_amax(self, amax: float | Sequence[float] | torch.Tensor) -> torch.Tensor | None:
+        return self.base.scale_from_amax(amax)
 
     def store(
         self,

@@ -73,7 +73,7 @@ class RecipeSpec:
         v_amax: Sequence[float] | None,
         device: torch.device | str,
     ) -> RecipeSpec:
-        """Each layer's scales from its own K / V method's ``scales_from_amax`` of that layer's
+        """Each layer's scales from its own K / V method's ``scale_from_amax`` of that layer's
         amax (all None, i.e. dynamic, when no amax is given)."""
         k_scales: list[torch.Tensor | None] = []
         v_scales: list[torch.Tensor | None] = []
@@ -82,10 +82,10 @@ class RecipeSpec:
                 k_scales.append(None)
                 v_scales.append(None)
                 continue
-            k_made = k_method.scales_from_amax([k_amax[layer]], [v_amax[layer]])
-            v_made = v_method.scales_from_amax([k_amax[layer]], [v_amax[layer]])
-            k_scales.append(None if k_made is None else k_made.k[0].to(device))
-            v_scales.append(None if v_made is None else v_made.v[0].to(device))
+            k_scale = k_method.scale_from_amax(k_amax[layer])
+            v_scale = v_method.scale_from_amax(v_amax[layer])
+            k_scales.append(None if k_scale is None else k_scale.to(device))
+            v_scales.append(None if v_scale is None else v_scale.to(device))
         return cls(list(k_methods), list(v_methods), k_scales, v_scales)
 
     def cache(self, config: Any, k_offsets: torch.Tensor | None, capacity_hint: int) -> QuantKVCache:
@@ -181,22 +181,9 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     neutral_generation_defaults(model)
     prompts = _prompts(settings, plan, tokenizer)
     prompt_ids = _encode(tokenizer, prompts, settings.chat)
-    methods = _methods(settings.kv_dtypes, dtype)
-    scales = {kv: _scales(method, plan.scales_file, device) for kv, method in methods.items()}
-    k_offsets = None if plan.k_offsets is None else plan.k_offsets.to(device)
-    recipe = None
-    if RECIPE in settings.kv_dtypes:
-        k_formats, v_formats = plan.scales_file.recipe()
-        recipe = recipe_spec(
-            k_formats, v_formats, plan.scales_file.k_amax(), plan.scales_file.v_amax(), dtype, device
-        )
-
-    def make_cache(kv: str, capacity_hint: int) -> QuantKVCache:
-        offsets = None if kv == REFERENCE else k_offsets
-        if kv == RECIPE:
-            return recipe.cache(model.config, offsets, capacity_hint)
-        return QuantKVCache.for_model(model.config, methods[kv], scales[kv], offsets, capacity_hint)
-
+    make_cache = cache_factory(
+        model.config, settings.kv_dtypes, plan.scales_file, plan.k_offsets, dtype, device
+    )
     fidelity: dict[str, Fidelity] = {}
     if settings.fidelity:
         count = min(settings.fidelity_samples, len(plan.questions))
@@ -228,7 +215,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
                 model, tokenizer, ids, make_cache(kv, hint), config, stops, settings.decode_attention
             ),
         )
-    summary = _summary(settings, plan, device, dtype, methods, scales, records, fidelity, prompts[0])
+    summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0])
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(plan.run_dir, summary)
     plot_summary(plan.run_dir, summary)
@@ -257,13 +244,8 @@ def _plan(settings: EvalSettings) -> _Plan:
         scales_file.check_model(config)
     formats = [kv for kv in kv_dtypes if kv != RECIPE]
     if RECIPE in kv_dtypes:
-        recipe = None if scales_file is None else scales_file.recipe()
-        if recipe is None:
-            raise FP4KVError(
-                "--kv-dtype recipe needs --scales with per-layer k_format/v_format; "
-                "write one with fp4kv analyze --write-recipe"
-            )
-        formats += recipe[0] + recipe[1]
+        k_formats, v_formats = _recipe_formats(scales_file)
+        formats += k_formats + v_formats
     for kv in dict.fromkeys(formats):
         method = get_kv_cache_method(kv)
         method.check_head_dim(shape.head_dim)
@@ -302,6 +284,53 @@ def k_offsets_for(scales_file: ScalesFile | None, shape: KVShape) -> torch.Tenso
     return tensor
 
 
+def cache_factory(
+    config: Any,
+    kv_dtypes: Sequence[str],
+    scales_file: ScalesFile | None,
+    k_offsets: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Callable[[str, int], QuantKVCache]:
+    """``make_cache(kv, capacity_hint)``: a fresh cache of KV dtype ``kv`` (one of ``kv_dtypes``,
+    or the ``bf16`` reference) for a transformers model ``config``, as ``fp4kv eval gsm8k`` runs it.
+
+    Scales are calibrated from ``scales_file`` where given (dynamic otherwise), ``recipe`` runs the
+    file's per-layer formats, and every format but the reference stores K minus ``k_offsets``
+    (from :func:`k_offsets_for`). Scales and offsets move to ``device`` once, here.
+    """
+    methods = _methods(kv_dtypes, dtype)
+    scales = {kv: _scales(method, scales_file, device) for kv, method in methods.items()}
+    offsets = None if k_offsets is None else k_offsets.to(device)
+    recipe = _recipe(scales_file, dtype, device) if RECIPE in kv_dtypes else None
+
+    def make_cache(kv: str, capacity_hint: int) -> QuantKVCache:
+        kv_offsets = None if kv == REFERENCE else offsets
+        if kv == RECIPE:
+            return recipe.cache(config, kv_offsets, capacity_hint)
+        return QuantKVCache.for_model(config, methods[kv], scales[kv], kv_offsets, capacity_hint)
+
+    return make_cache
+
+
+def _recipe(scales_file: ScalesFile | None, dtype: torch.dtype, device: torch.device | str) -> RecipeSpec:
+    """The recipe of ``scales_file`` with its calibrated scales."""
+    k_formats, v_formats = _recipe_formats(scales_file)
+    return recipe_spec(k_formats, v_formats, scales_file.k_amax(), scales_file.v_amax(), dtype, device)
+
+
+def _recipe_formats(scales_file: ScalesFile | None) -> tuple[list[str], list[str]]:
+    """Per-layer K and V format names of the recipe in ``scales_file``; raise :class:`FP4KVError`
+    when there is none."""
+    recipe = None if scales_file is None else scales_file.recipe()
+    if recipe is None:
+        raise FP4KVError(
+            "--kv-dtype recipe needs --scales with per-layer k_format/v_format; "
+            "write one with fp4kv analyze --write-recipe"
+        )
+    return recipe
+
+
 def _methods(kv_dtypes: Sequence[str], dtype: torch.dtype) -> dict[str, KVCacheMethod]:
     """One method per format (the recipe excepted), plus the reference; unquantized storage uses
     the model's dtype."""
@@ -310,7 +339,7 @@ def _methods(kv_dtypes: Sequence[str], dtype: torch.dtype) -> dict[str, KVCacheM
 
 
 def _scales(
-    method: KVCacheMethod, scales_file: ScalesFile | None, device: torch.device
+    method: KVCacheMethod, scales_file: ScalesFile | None, device: torch.device | str
 ) -> LayerScales | None:
     """The method's calibrated per-layer scales, on ``device`` once for every batch's cache."""
     if scales_file is None or not method.uses_tensor_scale:
@@ -454,8 +483,6 @@ def _summary(
     plan: _Plan,
     device: torch.device,
     dtype: torch.dtype,
-    methods: dict[str, KVCacheMethod],
-    scales: dict[str, LayerScales | None],
     records: dict[str, dict[int, dict[str, Any]]],
     fidelity: dict[str, Fidelity],
     example_prompt: str,
@@ -484,7 +511,7 @@ def _summary(
             }
         peaks = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
         results[kv] = {
-            "scale_source": "calibrated" if kv == RECIPE else _scale_source(methods[kv], scales[kv]),
+            "scale_source": _scale_source(kv, plan.scales_file),
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
             "accuracy": {key: accuracy(values).to_dict() for key, values in flags.items()},
             "vs_bf16": paired,
@@ -529,7 +556,9 @@ def _summary(
     }
 
 
-def _scale_source(method: KVCacheMethod, scales: LayerScales | None) -> str:
-    if not method.uses_tensor_scale:
+def _scale_source(kv: str, scales_file: ScalesFile | None) -> str:
+    """``none`` for a format without per-tensor scales, else ``calibrated`` (from the scales file,
+    as the recipe always is) or ``dynamic``."""
+    if kv != RECIPE and not KV_CACHE_METHOD_REGISTRY[kv].uses_tensor_scale:
         return "none"
-    return "calibrated" if scales is not None else "dynamic"
+    return "calibrated" if scales_file is not None else "dynamic"

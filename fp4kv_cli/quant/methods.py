@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -114,9 +114,15 @@ class KVCacheMethod(ABC):
         """Raise :class:`FP4KVError` if this format cannot store heads of ``head_dim`` (any
         ``head_dim`` is fine unless a format says otherwise)."""
 
-    def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales | None:
-        """Per-layer scales this method uses for the given amax (None if it uses none)."""
+    def scale_from_amax(self, amax: float | Sequence[float] | torch.Tensor) -> torch.Tensor | None:
+        """The per-tensor scale this method uses for a tensor of ``amax``, as float32 of
+        ``amax``'s shape (0-dim for a float), or None if the method uses no tensor scale."""
         return None
+
+    def scales_from_amax(self, k_amax: Sequence[float], v_amax: Sequence[float]) -> LayerScales | None:
+        """Per-layer K and V scales for per-layer K and V amax (None if the method uses none)."""
+        k, v = self.scale_from_amax(k_amax), self.scale_from_amax(v_amax)
+        return None if k is None else LayerScales(k=k, v=v)
 
     def load_scales(self, source: ScaleSource) -> LayerScales | None:
         """Per-layer scales from a ``scales.json`` path, a scales dict or a parsed file."""
@@ -229,12 +235,9 @@ class NVFP4KVMethod(FP4KVCacheQuantMethod):
     name: ClassVar[str] = "nvfp4"
     uses_tensor_scale: ClassVar[bool] = True
 
-    def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales:
-        divisor = E2M1_MAX * E4M3_MAX
-        return LayerScales(
-            k=torch.tensor(k_amax, dtype=torch.float32) / divisor,
-            v=torch.tensor(v_amax, dtype=torch.float32) / divisor,
-        )
+    def scale_from_amax(self, amax: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """``g = amax / (6 * 448)``."""
+        return torch.as_tensor(amax, dtype=torch.float32) / (E2M1_MAX * E4M3_MAX)
 
     def _global(self, scale: float | torch.Tensor | None, device: torch.device) -> torch.Tensor:
         if scale is None:
@@ -269,11 +272,9 @@ class FP8KVMethod(KVCacheMethod):
     def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
         return head_dim * head_num * num_layers * kv_size
 
-    def scales_from_amax(self, k_amax: list[float], v_amax: list[float]) -> LayerScales:
-        return LayerScales(
-            k=torch.tensor(k_amax, dtype=torch.float32) / E4M3_MAX,
-            v=torch.tensor(v_amax, dtype=torch.float32) / E4M3_MAX,
-        )
+    def scale_from_amax(self, amax: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """``s = amax / 448``."""
+        return torch.as_tensor(amax, dtype=torch.float32) / E4M3_MAX
 
     def store(
         self,
