@@ -68,11 +68,12 @@ def cache_maker(
     """``make_cache(variant, capacity)``: a fresh cache of a variant (``dynamic``, or one of
     ``formats`` with or without a ``-gather`` / ``-graph`` suffix); the formats' caches are built
     as ``fp4kv eval gsm8k`` builds them (scales, K offsets and recipe from ``scales_path``)."""
-    config = load_config_dict(model_path)
-    scales_file = load_scales_file(scales_path) if scales_path else None
-    if scales_file is not None:
+    scales_file = offsets = None
+    if scales_path:
+        config = load_config_dict(model_path)
+        scales_file = load_scales_file(scales_path)
         scales_file.check_model(config)
-    offsets = k_offsets_for(scales_file, KVShape.from_config(config))
+        offsets = k_offsets_for(scales_file, KVShape.from_config(config))
     device = next(model.parameters()).device
     quantized = cache_factory(model.config, formats, scales_file, offsets, dtype, device)
 

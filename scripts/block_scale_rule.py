@@ -41,7 +41,9 @@ from fp4kv_cli.evaluate.runner import EvalSettings, run_gsm8k
 from fp4kv_cli.quant import reference
 from fp4kv_cli.quant.formats import e2m1_decode, e2m1_encode, e4m3_decode, e4m3_encode_satfinite, pack_nibbles
 
-CANDIDATE_MAXIMA = (6.0, 4.0)  # E2M1 value the block max is mapped to; 6 first (ties keep it)
+#: 1 / (E2M1 value the block max is mapped to): 6 first, as the shipped writer rounds it (its
+#: float32 1/6), so ties keep the shipped choice; 1/4 is exact.
+CANDIDATE_RECIPROCALS = (reference._ONE_SIXTH, 0.25)
 
 
 def nvfp4_quantize_four_over_six(
@@ -56,8 +58,8 @@ def nvfp4_quantize_four_over_six(
     g = reference.as_global_scale(global_scale, x.device)
     block_max = blocks.abs().amax(dim=-1)
     best_err = best_codes = best_sf = None
-    for top in CANDIDATE_MAXIMA:
-        sf_byte = e4m3_encode_satfinite((1.0 / g) * (block_max / top))
+    for reciprocal_top in CANDIDATE_RECIPROCALS:
+        sf_byte = e4m3_encode_satfinite((1.0 / g) * (block_max * reciprocal_top))
         sf = e4m3_decode(sf_byte)
         denom = sf * g
         reciprocal = torch.where(sf != 0, 1.0 / denom, torch.zeros_like(denom))

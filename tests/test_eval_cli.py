@@ -9,7 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fp4kv_cli.cli import app
+from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate import runner as eval_runner
+from fp4kv_cli.evaluate.results import prepare_run_dir
 from fp4kv_cli.quant.scales import config_hash
 
 cli = CliRunner()
@@ -85,6 +87,20 @@ def test_resume_after_a_killed_run(
     assert records[:2] == first
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["results"]["nvfp4"]["accuracy"]["strict"]["n"] == 4
+
+
+def test_resume_refuses_another_decode_read(tmp_path: Path) -> None:
+    """One run's samples come from one decode read; a config.json from before the option existed
+    was the gather read."""
+    config = {"model": "m", "decode_attention": "fused"}
+    prepare_run_dir(tmp_path, "r", config, resume=False)
+    with pytest.raises(FP4KVError, match="decode_attention differ"):
+        prepare_run_dir(tmp_path, "r", {**config, "decode_attention": "graph"}, resume=True)
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"model": "m"}))
+    prepare_run_dir(tmp_path, "r", {"model": "m", "decode_attention": "gather"}, resume=True)
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"model": "m"}))
+    with pytest.raises(FP4KVError, match="decode_attention differ"):
+        prepare_run_dir(tmp_path, "r", config, resume=True)
 
 
 def test_calibrated_scales_and_k_offsets_are_used(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fp4kv_cli.analysis.round_trip import HeadSubsetMethod
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.quant import (
     FP4_KV_CACHE_QUANT_REGISTRY,
@@ -135,11 +136,20 @@ def test_load_scales_conventions_per_method() -> None:
 
 
 def test_scale_from_amax_is_per_tensor() -> None:
-    assert float(NVFP4KVMethod().scale_from_amax(2688.0)) == 1.0
+    nvfp4 = NVFP4KVMethod().scale_from_amax(2688.0)
+    assert nvfp4.shape == () and nvfp4.dtype == torch.float32 and float(nvfp4) == 1.0
+    subset = HeadSubsetMethod(NVFP4KVMethod(), [0]).scale_from_amax(torch.tensor([2688.0, 5376.0]))
+    assert subset.tolist() == [1.0, 2.0]
     fp8 = get_kv_cache_method("fp8").scale_from_amax(torch.tensor([448.0, 896.0]))
     assert fp8.dtype == torch.float32 and fp8.tolist() == [1.0, 2.0]
     assert BlockFP4KVMethod().scale_from_amax(1.0) is None
     assert get_kv_cache_method("bf16").scale_from_amax(1.0) is None
+
+    class Unscaled(BlockFP4KVMethod):
+        uses_tensor_scale = True  # claims a tensor scale but never says how to make one
+
+    with pytest.raises(NotImplementedError, match="Unscaled uses a tensor scale"):
+        Unscaled().scale_from_amax(1.0)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), None])

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fp4kv_cli.quant import NVFP4KVMethod
 from fp4kv_cli.quant.formats import (
     e2m1_decode,
     e2m1_encode,
@@ -245,7 +246,7 @@ def test_low_precision_inputs_match_fp32_of_same_values(dtype: torch.dtype) -> N
     assert out.dtype == dtype and out.shape == x.shape
 
 
-def test_four_over_six_rule_is_never_worse_and_reads_as_plain_nvfp4() -> None:
+def test_four_over_six_rule_is_never_worse_and_reads_as_plain_nvfp4(monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/block_scale_rule.py's 4-over-6 writer: its bytes decode with the unchanged NVFP4
     reader, each block is reconstructed at least as well as by the shipped max->6 rule, and the
     max->4 candidate is really taken on some blocks (else the experiment measures nothing)."""
@@ -266,8 +267,18 @@ def test_four_over_six_rule_is_never_worse_and_reads_as_plain_nvfp4() -> None:
     taken = block_err(chosen) < block_err(shipped)
     assert 0.05 < taken.float().mean() < 0.95
     assert float(block_err(chosen).sum()) < 0.95 * float(block_err(shipped).sum())
-    with rule.four_over_six():
-        from fp4kv_cli.quant import reference
 
-        assert reference.nvfp4_quantize_reference is rule.nvfp4_quantize_four_over_six
-    assert reference.nvfp4_quantize_reference is not rule.nvfp4_quantize_four_over_six
+    method = NVFP4KVMethod()
+    buffers = method.create_buffers(4, 1, 256, 1, "cpu")
+    rows = x[:4].reshape(4, 1, 256)
+
+    def stored() -> tuple[torch.Tensor, torch.Tensor]:
+        method.store(buffers["k_buffer"][0], buffers["k_scale_buffer"][0], torch.arange(4), rows, g)
+        return tuple(buffers[name][0].reshape(4, -1).clone() for name in ("k_buffer", "k_scale_buffer"))
+
+    monkeypatch.setenv("FP4KV_BACKEND", "torch")
+    with rule.four_over_six():  # the cache's store path really writes the 4-over-6 bytes
+        for got, want in zip(stored(), rule.nvfp4_quantize_four_over_six(x[:4], g)):
+            assert torch.equal(got, want)
+    for got, want in zip(stored(), nvfp4_quantize_reference(x[:4], g)):  # and the shipped ones after
+        assert torch.equal(got, want)

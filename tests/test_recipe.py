@@ -105,7 +105,7 @@ def test_cache_factory_builds_each_kv_dtype_as_the_eval_does() -> None:
     reference_layer = make_cache("bf16", 8).layers[0]
     assert isinstance(reference_layer.k_method, BF16KVMethod) and reference_layer.k_offset is None
     nvfp4 = make_cache("nvfp4", 8).layers[1]
-    assert float(nvfp4.k_scale) == pytest.approx(4 / 2688) and float(nvfp4.v_scale) == pytest.approx(2 / 2688)
+    assert float(nvfp4.k_scale) == pytest.approx(8 / 2688) and float(nvfp4.v_scale) == pytest.approx(4 / 2688)
     assert torch.equal(nvfp4.k_offset, offsets[1])
     recipe = make_cache("recipe", 8).layers
     formats = [(layer.k_method.name, layer.v_method.name) for layer in recipe]
@@ -114,7 +114,7 @@ def test_cache_factory_builds_each_kv_dtype_as_the_eval_does() -> None:
 
 
 def _scales(formats: list[tuple[str | None, str | None]]) -> dict:
-    layers = [{"index": i, "k_amax": 4.0, "v_amax": 2.0} for i in range(len(formats))]
+    layers = [{"index": i, "k_amax": 4.0 * (i + 1), "v_amax": 2.0 * (i + 1)} for i in range(len(formats))]
     for layer, (k, v) in zip(layers, formats):
         layer.update({key: value for key, value in (("k_format", k), ("v_format", v)) if value is not None})
     return {"schema": "fp4kv.scales", "version": 1, "layers": layers}

@@ -53,6 +53,7 @@ class HeadSubsetMethod(KVCacheMethod):
         return self.storage.compute_cell_size(head_num, head_dim, num_layers, kv_size)
 
     def scale_from_amax(self, amax: float | Sequence[float] | torch.Tensor) -> torch.Tensor | None:
+        """The base method's scale."""
         return self.base.scale_from_amax(amax)
 
     def store(

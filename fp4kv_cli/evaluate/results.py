@@ -19,7 +19,14 @@ from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.fidelity import Fidelity
 
 #: config.json keys that must be equal to resume a run (the rest, e.g. batch size, may change).
-RESUME_KEYS = ("model", "data", "limit", "num_fewshot", "chat", "max_new_tokens", "scales", "dtype")
+#: The decode read is one of them: the kernel and SDPA round differently, enough to move greedy
+#: GSM8K accuracy by about a point, so one run's samples must all come from one read.
+RESUME_KEYS = (
+    "model", "data", "limit", "num_fewshot", "chat", "max_new_tokens", "scales", "dtype", "decode_attention",
+)  # fmt: skip
+
+#: Values of RESUME_KEYS in config.json files written before the key existed.
+RESUME_KEY_DEFAULTS = {"decode_attention": "gather"}
 
 
 def prepare_run_dir(
@@ -46,7 +53,9 @@ def prepare_run_dir(
             raise FP4KVError(
                 f"cannot read {config_path}: {err}; delete the run folder to start over"
             ) from None
-        changed = [key for key in RESUME_KEYS if previous.get(key) != config.get(key)]
+        changed = [
+            key for key in RESUME_KEYS if previous.get(key, RESUME_KEY_DEFAULTS.get(key)) != config.get(key)
+        ]
         if changed:
             raise FP4KVError(
                 f"cannot resume {run_dir}: {', '.join(changed)} differ from the earlier run; "

@@ -116,7 +116,12 @@ class KVCacheMethod(ABC):
 
     def scale_from_amax(self, amax: float | Sequence[float] | torch.Tensor) -> torch.Tensor | None:
         """The per-tensor scale this method uses for a tensor of ``amax``, as float32 of
-        ``amax``'s shape (0-dim for a float), or None if the method uses no tensor scale."""
+        ``amax``'s shape (0-dim for a float), or None if the method uses no tensor scale.
+        Methods with ``uses_tensor_scale`` must override it."""
+        if self.uses_tensor_scale:
+            raise NotImplementedError(
+                f"{type(self).__name__} uses a tensor scale but defines no scale_from_amax"
+            )
         return None
 
     def scales_from_amax(self, k_amax: Sequence[float], v_amax: Sequence[float]) -> LayerScales | None:
