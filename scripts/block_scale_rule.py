@@ -1,4 +1,9 @@
-"""Does NVFP4's "4 over 6" block-scale rule lower the KV cache's damage? (issue 7, item 4)
+"""Do NVFP4 writer-side choices lower the KV cache's damage? (issue 7, item 4)
+
+Two choices a writer can make without changing what any NVFP4 reader does: the block-scale rule
+("4 over 6", below) and the global scale ``g`` the block scales are relative to (``--amax-factors``:
+``g`` from ``f x amax`` with ``f < 1`` clips the largest blocks in exchange for finer E4M3 block
+scales below them, the effect a global-scale search by MSE would exploit).
 
 The shipped NVFP4 quantizer maps each 16-element block's max to the largest E2M1 value, 6
 (block scale ``sf = e4m3(max / (6 g))``). "4 over 6" (Four Over Six, 2025) tries a second
@@ -11,16 +16,19 @@ This script measures it before any kernel carries it: teacher-forced fidelity (m
 bf16 cache, top-1 agreement) on GSM8K test prompts + gold answers, through ``fp4kv eval gsm8k``'s
 own fidelity path, once with the shipped rule and once with the PyTorch reference quantizer
 replaced by the 4-over-6 one (both runs use the PyTorch backend, ``FP4KV_BACKEND=torch``, which
-calls the reference, so every K and V write of the cache goes through it; on a GPU too). Prints machine, versions and both figures, and saves them as JSON.
+calls the reference, so every K and V write of the cache goes through it; on a GPU too), and with the shipped rule at each ``--amax-factors`` value
+``f != 1`` (every layer's K and V amax in the scales file multiplied by ``f``). Prints machine,
+versions and the figures, and saves them as JSON.
 
 usage: python scripts/block_scale_rule.py --model DIR --scales scales.json [--samples 16]
-       [--device auto] [--out block_scale_rule.json]
+       [--amax-factors 1,0.75,0.5] [--device auto] [--out block_scale_rule.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import sys
@@ -87,11 +95,25 @@ def four_over_six() -> Iterator[None]:
         reference.nvfp4_quantize_reference = shipped
 
 
-def fidelity(args: argparse.Namespace, out: Path, name: str) -> dict[str, float]:
+def scaled_scales(path: str, factor: float, folder: Path) -> str:
+    """A copy of the scales file at ``path`` in ``folder`` with every K and V amax times ``factor``."""
+    data = json.loads(Path(path).read_text())
+    for layer in data["layers"]:
+        for key in ("k_amax", "v_amax"):
+            layer[key] *= factor
+        for key in ("k_amax_per_head", "v_amax_per_head"):
+            if key in layer:
+                layer[key] = [amax * factor for amax in layer[key]]
+    scaled = folder / f"scales-x{factor:g}.json"
+    write_json_atomic(scaled, data)
+    return str(scaled)
+
+
+def fidelity(args: argparse.Namespace, scales: str, out: Path, name: str) -> dict[str, float]:
     """Positions, KL, top-1 and mean per-layer K / V relative error of nvfp4 vs bf16 (the eval's
     fidelity; generation cut to one token)."""
     settings = EvalSettings(
-        model=args.model, kv_dtypes=("bf16", "nvfp4"), scales=args.scales, limit=args.samples,
+        model=args.model, kv_dtypes=("bf16", "nvfp4"), scales=scales, limit=args.samples,
         batch_size=args.samples, max_new_tokens=1, device=args.device, fidelity_samples=args.samples,
         out=str(out), run_name=name, decode_attention="gather",
     )  # fmt: skip
@@ -110,25 +132,33 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--scales", required=True)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--amax-factors", default="1", help="comma-separated f: g from f x amax")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="block_scale_rule.json")
     args = parser.parse_args()
     os.environ["FP4KV_BACKEND"] = "torch"  # the rule exists only in the reference: both runs use it
+    factors = [float(f) for f in args.amax_factors.split(",") if float(f) != 1.0]
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
-        shipped = fidelity(args, Path(tmp), "max-to-6")
+        shipped = fidelity(args, args.scales, Path(tmp), "max-to-6")
         with four_over_six():
-            candidate = fidelity(args, Path(tmp), "four-over-six")
-    table = Table(title=f"NVFP4 block-scale rule, {args.model}, {args.samples} GSM8K test prompts + answers")
+            candidate = fidelity(args, args.scales, Path(tmp), "four-over-six")
+        clipped = {
+            f"{f:g}": fidelity(args, scaled_scales(args.scales, f, Path(tmp)), Path(tmp), f"amax-x{f:g}")
+            for f in factors
+        }
+    table = Table(title=f"NVFP4 writer choices, {args.model}, {args.samples} GSM8K test prompts + answers")
     for column in ("rule", *shipped):
         table.add_column(column, justify="right")
-    for rule, row in (("max -> 6 (shipped)", shipped), ("4 over 6", candidate)):
+    rows = [("max -> 6, g from amax (shipped)", shipped), ("4 over 6, g from amax", candidate)]
+    rows += [(f"max -> 6, g from {f} x amax", row) for f, row in clipped.items()]
+    for rule, row in rows:
         table.add_row(rule, *(f"{value:.4g}" for value in row.values()))
     console.print(table)
     result = {
         "machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
         "transformers": transformers.__version__, "model": args.model, "scales": args.scales,
-        "samples": args.samples, "max_to_6": shipped, "four_over_six": candidate,
+        "samples": args.samples, "max_to_6": shipped, "four_over_six": candidate, "amax_factors": clipped,
     }  # fmt: skip
     write_json_atomic(Path(args.out), result)
     console.print(f"wrote {args.out}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +284,21 @@ def test_four_over_six_rule_is_never_worse_and_reads_as_plain_nvfp4(monkeypatch:
             assert torch.equal(got, want)
     for got, want in zip(stored(), nvfp4_quantize_reference(x[:4], g)):  # and the shipped ones after
         assert torch.equal(got, want)
+
+
+def test_scaled_scales_multiplies_every_amax(tmp_path) -> None:
+    """scripts/block_scale_rule.py --amax-factors: the scaled copy's NVFP4 global scales are the
+    original ones times the factor (per layer, K and V), everything else unchanged."""
+    from conftest import load_script
+
+    rule = load_script("block_scale_rule")
+    layers = [
+        {"index": i, "k_amax": 3.0 + i, "v_amax": 1.5 * (i + 1), "k_amax_per_head": [3.0, 2.0]} for i in range(2)
+    ]
+    source = tmp_path / "s.json"
+    source.write_text(json.dumps({"schema": "fp4kv.scales", "version": 1, "layers": layers}))
+    scaled = json.loads(Path(rule.scaled_scales(str(source), 0.5, tmp_path)).read_text())
+    method = NVFP4KVMethod()
+    before, after = method.load_scales(str(source)), method.load_scales(scaled)
+    assert torch.equal(after.k, before.k * 0.5) and torch.equal(after.v, before.v * 0.5)
+    assert scaled["layers"][1]["k_amax_per_head"] == [1.5, 1.0] and scaled["layers"][1]["index"] == 1

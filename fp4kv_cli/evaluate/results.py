@@ -54,7 +54,9 @@ def prepare_run_dir(
                 f"cannot read {config_path}: {err}; delete the run folder to start over"
             ) from None
         changed = [
-            key for key in RESUME_KEYS if previous.get(key, RESUME_KEY_DEFAULTS.get(key)) != config.get(key)
+            key
+            for key in RESUME_KEYS
+            if previous.get(key, RESUME_KEY_DEFAULTS.get(key)) != config.get(key, RESUME_KEY_DEFAULTS.get(key))
         ]
         if changed:
             raise FP4KVError(
