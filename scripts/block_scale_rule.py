@@ -12,13 +12,13 @@ lands on the finer part of the E2M1 grid), and keeps whichever reconstructs the 
 smaller squared error. Readers are unchanged (a block scale is a block scale), so it is a
 write-path-only choice.
 
-This script measures it before any kernel carries it: teacher-forced fidelity (mean KL vs the
-bf16 cache, top-1 agreement) on GSM8K test prompts + gold answers, through ``fp4kv eval gsm8k``'s
-own fidelity path, once with the shipped rule and once with the PyTorch reference quantizer
-replaced by the 4-over-6 one (both runs use the PyTorch backend, ``FP4KV_BACKEND=torch``, which
-calls the reference, so every K and V write of the cache goes through it; on a GPU too), and with the shipped rule at each ``--amax-factors`` value
-``f != 1`` (every layer's K and V amax in the scales file multiplied by ``f``). Prints machine,
-versions and the figures, and saves them as JSON.
+This script measures both before any kernel carries them: teacher-forced fidelity (mean KL vs
+the bf16 cache, top-1 agreement) on GSM8K test prompts + gold answers, through ``fp4kv eval
+gsm8k``'s own fidelity path, once with the shipped rule, once with the PyTorch reference quantizer
+replaced by the 4-over-6 one (every run uses the PyTorch backend, ``FP4KV_BACKEND=torch``, which
+calls the reference, so every K and V write of the cache goes through it; on a GPU too), and once
+with the shipped rule per ``--amax-factors`` value ``f != 1`` (every layer's K and V amax in the
+scales file multiplied by ``f``). Prints machine, versions and the figures, saves them as JSON.
 
 usage: python scripts/block_scale_rule.py --model DIR --scales scales.json [--samples 16]
        [--amax-factors 1,0.75,0.5] [--device auto] [--out block_scale_rule.json]
@@ -102,7 +102,7 @@ def scaled_scales(path: str, factor: float, folder: Path) -> str:
         for key in ("k_amax", "v_amax"):
             layer[key] *= factor
         for key in ("k_amax_per_head", "v_amax_per_head"):
-            if key in layer:
+            if layer.get(key) is not None:
                 layer[key] = [amax * factor for amax in layer[key]]
     scaled = folder / f"scales-x{factor:g}.json"
     write_json_atomic(scaled, data)

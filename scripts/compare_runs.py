@@ -65,7 +65,8 @@ def main() -> None:
     print("| A | B | n | strict A - B, pts (95% CI) |\n|---|---|---:|---|")
     for c in comparisons:
         low, high = (100 * x for x in c["ci95"])
-        print(f"| {' + '.join(c['a'])} | {' + '.join(c['b'])} | {c['n']} | {100 * c['mean']:+.1f} ({low:+.1f}, {high:+.1f}) |")
+        difference = f"{100 * c['mean']:+.1f} ({low:+.1f}, {high:+.1f})"
+        print(f"| {' + '.join(c['a'])} | {' + '.join(c['b'])} | {c['n']} | {difference} |")
     if args.out:
         write_json_atomic(Path(args.out), {"tables": args.tables, "comparisons": comparisons})
         print(f"wrote {args.out}")

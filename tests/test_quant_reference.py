@@ -293,7 +293,9 @@ def test_scaled_scales_multiplies_every_amax(tmp_path) -> None:
 
     rule = load_script("block_scale_rule")
     layers = [
-        {"index": i, "k_amax": 3.0 + i, "v_amax": 1.5 * (i + 1), "k_amax_per_head": [3.0, 2.0]} for i in range(2)
+        {"index": i, "k_amax": 3.0 + i, "v_amax": 1.5 * (i + 1), "k_amax_per_head": [3.0, 2.0],
+         "v_amax_per_head": None}
+        for i in range(2)
     ]
     source = tmp_path / "s.json"
     source.write_text(json.dumps({"schema": "fp4kv.scales", "version": 1, "layers": layers}))
