@@ -170,3 +170,49 @@ def test_eval_recipe_needs_formats_in_the_scales_file(tiny_llama_dir: Path, tmp_
             "write one with fp4kv analyze --write-recipe"
         )
         assert result.output.strip().splitlines() == [expected]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_recipe_command_replans_the_saved_analysis(tmp_path: Path) -> None:
+    """`fp4kv recipe` on the 0.5B's saved analysis rebuilds the recipe file analyze wrote (same
+    budgets), and a stricter --kl-budget / a larger --budget change the pick as greedy_recipe says."""
+    runs = REPO / "docs" / "runs"
+    analysis, scales = runs / "q05-analysis.json", runs / "q05.ck.scales.json"
+    args = ["recipe", "--analysis", str(analysis), "--scales", str(scales)]
+    same = tmp_path / "same.json"
+    result = cli.invoke(app, [*args, "--write-recipe", str(same)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(same.read_text()) == json.loads((runs / "q05.recipe.scales.json").read_text())
+    wider = tmp_path / "wider.json"
+    assert cli.invoke(app, [*args, "--budget", "0.61", "--write-recipe", str(wider)]).exit_code == 0
+    k_formats = [layer["k_format"] for layer in json.loads(wider.read_text())["layers"]]
+    assert [i for i, f in enumerate(k_formats) if f == "fp8"] == [9, 10, 13, 14, 16]  # + layer 14 (KL 0.0019)
+    loose = tmp_path / "loose.json"
+    result = cli.invoke(app, [*args, "--kl-budget", "0.01", "--write-recipe", str(loose)])
+    assert result.exit_code == 0 and "every K and V stays" in result.output
+    assert {layer["k_format"] for layer in json.loads(loose.read_text())["layers"]} == {"nvfp4"}
+
+
+def test_recipe_command_bad_input_is_one_line(tmp_path: Path) -> None:
+    runs = REPO / "docs" / "runs"
+    analysis, centered = runs / "q05-analysis.json", runs / "q05.ck.scales.json"
+    plain = runs / "q05.scales.json"
+    smol = runs / "smol.ck.scales.json"
+    out = tmp_path / "r.json"
+    cases = [
+        ([str(tmp_path / "none.json"), centered], "does not exist; make one with fp4kv analyze"),
+        ([analysis, plain], "has no k_offset; pass the --center-k scales file"),
+        ([analysis, smol], "the analysis has 24 layers but the scales file 30"),
+        ([centered, centered], "is not an fp4kv analysis.json"),
+    ]
+    for (source, scales), message in cases:
+        result = cli.invoke(app, ["recipe", "--analysis", str(source), "--scales", str(scales),
+                                  "--write-recipe", str(out)])  # fmt: skip
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert message in result.output
+    assert not out.exists()
+    result = cli.invoke(app, ["recipe", "--analysis", str(analysis), "--scales", str(centered),
+                              "--write-recipe", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 2 and "is a folder" in result.output

@@ -9,6 +9,7 @@ from fp4kv_cli.cli import (  # noqa: F401  # noqa: F401
     export_cmd,
     inspect_cmd,
     methods_cmd,
+    recipe_cmd,
 )
 from fp4kv_cli.cli.app import app
 
