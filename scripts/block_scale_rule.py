@@ -33,8 +33,8 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -84,15 +84,9 @@ def nvfp4_quantize_four_over_six(
     return pack_nibbles(best_codes.reshape(x.shape[0], -1)), best_sf
 
 
-@contextlib.contextmanager
-def four_over_six() -> Iterator[None]:
-    """Route the reference NVFP4 quantizer (the CPU backend's) through the 4-over-6 rule."""
-    shipped = reference.nvfp4_quantize_reference
-    reference.nvfp4_quantize_reference = nvfp4_quantize_four_over_six
-    try:
-        yield
-    finally:
-        reference.nvfp4_quantize_reference = shipped
+def four_over_six() -> contextlib.AbstractContextManager:
+    """Route the reference NVFP4 quantizer (the PyTorch backend's) through the 4-over-6 rule."""
+    return mock.patch.object(reference, "nvfp4_quantize_reference", nvfp4_quantize_four_over_six)
 
 
 def scaled_scales(path: str, factor: float, folder: Path) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fp4kv_cli.atomic import write_json_atomic
-from fp4kv_cli.evaluate.metrics import Z95
+from fp4kv_cli.evaluate.metrics import mean_interval
 
 
 def load_flags(paths: list[str]) -> dict[str, dict[int, bool]]:
@@ -43,13 +42,20 @@ def pooled_difference(flags: dict[str, dict[int, bool]], group_a: list[str], gro
     if missing:
         raise SystemExit(f"error: no flags for {', '.join(missing)}; known: {', '.join(sorted(flags))}")
     shared = sorted(set.intersection(*(set(flags[name]) for name in group_a + group_b)))
+    if not shared:
+        raise SystemExit(f"error: {', '.join(group_a + group_b)} share no question")
     diffs = [
         statistics.mean(flags[a][i] for a in group_a) - statistics.mean(flags[b][i] for b in group_b)
         for i in shared
     ]
-    mean = statistics.mean(diffs)
-    half = Z95 * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"a": group_a, "b": group_b, "n": len(diffs), "mean": mean, "ci95": [mean - half, mean + half]}
+    mean, ci = mean_interval(diffs)
+    return {
+        "a": group_a,
+        "b": group_b,
+        "n": len(diffs),
+        "mean": mean,
+        "ci95": None if ci is None else list(ci),
+    }
 
 
 def main() -> None:
@@ -64,8 +70,8 @@ def main() -> None:
     comparisons += [pooled_difference(flags, a.split(","), b.split(",")) for a, b in args.pooled]
     print("| A | B | n | strict A - B, pts (95% CI) |\n|---|---|---:|---|")
     for c in comparisons:
-        low, high = (100 * x for x in c["ci95"])
-        difference = f"{100 * c['mean']:+.1f} ({low:+.1f}, {high:+.1f})"
+        interval = "" if c["ci95"] is None else " ({:+.1f}, {:+.1f})".format(*(100 * x for x in c["ci95"]))
+        difference = f"{100 * c['mean']:+.1f}{interval}"
         print(f"| {' + '.join(c['a'])} | {' + '.join(c['b'])} | {c['n']} | {difference} |")
     if args.out:
         write_json_atomic(Path(args.out), {"tables": args.tables, "comparisons": comparisons})

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.quant.backend import TorchBackend
-from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX
 from fp4kv_cli.quant.kernels import triton_fp4
+from fp4kv_cli.quant.methods import NVFP4KVMethod
 
 FORMATS = ("nvfp4", "blockfp4")
 HEAD_DIM = 128
@@ -135,7 +135,7 @@ def global_scale(fmt: str, x: torch.Tensor) -> torch.Tensor | None:
     if fmt != "nvfp4":
         return None
     finite = x.float().nan_to_num(posinf=0.0, neginf=0.0)
-    return (finite.abs().amax().clamp_min(1e-30) / (E2M1_MAX * E4M3_MAX)).reshape(())
+    return NVFP4KVMethod().scale_from_amax(finite.abs().amax().clamp_min(1e-30))
 
 
 def random_bits(tokens: int, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,6 @@ On teacher-forced GSM8K samples (5-shot prompt + gold answer, as ``eval gsm8k`` 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +24,14 @@ from rich.console import Console
 from rich.progress import Progress
 
 from fp4kv_cli.analysis.decompose import decompose_k
-from fp4kv_cli.analysis.recipe import Recipe, bytes_per_element, greedy_recipe
+from fp4kv_cli.analysis.recipe import (
+    Recipe,
+    bytes_per_element,
+    check_budgets,
+    check_recipe_path,
+    greedy_recipe,
+    write_recipe_file,
+)
 from fp4kv_cli.analysis.round_trip import HeadSubsetMethod
 from fp4kv_cli.atomic import atomic_path, write_json_atomic
 from fp4kv_cli.cache import QuantKVCache
@@ -180,27 +186,19 @@ class _Amax:
 
 
 def _check(settings: AnalyzeSettings) -> tuple[ScalesFile, KVShape]:
-    for option, value in (("--samples", settings.samples), ("--budget", settings.budget)):
-        if value <= 0:
-            raise FP4KVError(f"{option} must be > 0, got {value}")
-    if settings.kl_budget < 0:
-        raise FP4KVError(f"--kl-budget must be >= 0, got {settings.kl_budget}")
+    if settings.samples <= 0:
+        raise FP4KVError(f"--samples must be > 0, got {settings.samples}")
     base, upgrade = get_kv_cache_method(settings.format), get_kv_cache_method(settings.upgrade)
     if base.name == upgrade.name:
         raise FP4KVError(f"--upgrade must differ from --format (both {base.name}); e.g. --upgrade fp8")
-    if bytes_per_element(base.name) > settings.budget:
-        raise FP4KVError(
-            f"{base.name} alone needs {bytes_per_element(base.name):.4f} bytes per element, over the "
-            f"budget {settings.budget}; raise --budget"
-        )
+    check_budgets(base.name, settings.budget, settings.kl_budget)
     config = load_config_dict(settings.model)
     shape = KVShape.from_config(config)
     for method in (base, upgrade):
         method.check_head_dim(shape.head_dim)
     scales_file = load_scales_file(settings.scales)
     scales_file.check_model(config)
-    if settings.write_recipe is not None and Path(settings.write_recipe).is_dir():
-        raise FP4KVError(f"--write-recipe {settings.write_recipe} is a folder; give a file path")
+    check_recipe_path(settings.write_recipe)
     return scales_file, shape
 
 
@@ -311,14 +309,6 @@ def _write(
     plot_sensitivity(out / HEATMAP_PNG, result)
     if settings.write_recipe is not None:
         write_recipe_file(settings.write_recipe, scales_file, recipe)
-
-
-def write_recipe_file(path: str | Path, scales_file: ScalesFile, recipe: Recipe) -> None:
-    """A copy of the scales file with per-layer ``k_format`` / ``v_format`` (atomic)."""
-    data = copy.deepcopy(scales_file.data)
-    for entry, k_format, v_format in zip(data["layers"], recipe.k, recipe.v):
-        entry["k_format"], entry["v_format"] = k_format, v_format
-    write_json_atomic(path, data)
 
 
 def plot_sensitivity(path: Path, result: dict[str, Any]) -> Path:

@@ -32,8 +32,6 @@ def load_analysis(path: str | Path) -> dict[str, Any]:
 def replan(analysis: dict[str, Any], scales_file: ScalesFile, budget: float, kl_budget: float) -> Recipe:
     """The recipe ``fp4kv analyze`` would have chosen with ``budget`` / ``kl_budget`` from the lone
     KLs it saved (centered K where the analysis centered K), checked against ``scales_file``."""
-    if kl_budget < 0:
-        raise FP4KVError(f"--kl-budget must be >= 0, got {kl_budget}")
     layers = analysis["layers"]
     if len(layers) != len(scales_file.layers):
         raise FP4KVError(

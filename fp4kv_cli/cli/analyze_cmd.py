@@ -9,7 +9,17 @@ import typer
 from rich.table import Table
 
 from fp4kv_cli.analysis.analyze import ANALYSIS_JSON, HEATMAP_PNG, AnalyzeSettings, run_analysis
-from fp4kv_cli.cli.app import DeviceOption, DtypeOption, app, console, err_console, guarded
+from fp4kv_cli.cli.app import (
+    WRITE_RECIPE_HELP,
+    BudgetOption,
+    DeviceOption,
+    DtypeOption,
+    KlBudgetOption,
+    app,
+    console,
+    err_console,
+    guarded,
+)
 
 
 @app.command("analyze")
@@ -23,12 +33,8 @@ def analyze(
     upgrade: Annotated[
         str, typer.Option("--upgrade", help="Format the recipe moves the most sensitive tensors to.")
     ] = "fp8",
-    budget: Annotated[
-        float, typer.Option("--budget", help="Recipe's mean stored bytes per cached element, at most.")
-    ] = 0.6,
-    kl_budget: Annotated[
-        float, typer.Option("--kl-budget", help="Tensors whose lone KL is at most this stay in --format.")
-    ] = 0.001,
+    budget: BudgetOption = 0.6,
+    kl_budget: KlBudgetOption = 0.001,
     samples: Annotated[
         int, typer.Option("--samples", help="GSM8K test questions (5-shot prompt + gold answer).")
     ] = 8,
@@ -40,12 +46,7 @@ def analyze(
     out: Annotated[
         str, typer.Option("--out", help="Folder for analysis.json and the heat map.")
     ] = "analysis",
-    write_recipe: Annotated[
-        str | None,
-        typer.Option(
-            "--write-recipe", help="Write the scales file with the recipe's per-layer formats here."
-        ),
-    ] = None,
+    write_recipe: Annotated[str | None, typer.Option("--write-recipe", help=WRITE_RECIPE_HELP)] = None,
 ) -> None:
     """Where --format loses accuracy (teacher-forced KL vs bf16), and a recipe that upgrades the worst tensors."""
     settings = AnalyzeSettings(

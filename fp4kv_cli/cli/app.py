@@ -26,6 +26,16 @@ app.add_typer(bench_app, name="bench")
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bf16, fp16, fp32.")]
 
+#: ``--budget`` / ``--kl-budget`` / ``--write-recipe`` of the commands that choose a mixed recipe.
+BudgetOption = Annotated[
+    float, typer.Option("--budget", help="Recipe's mean stored bytes per cached element, at most.")
+]
+KlBudgetOption = Annotated[
+    float,
+    typer.Option("--kl-budget", help="Tensors whose lone KL is at most this stay in the base --format."),
+]
+WRITE_RECIPE_HELP = "Write the scales file with the recipe's per-layer formats here."
+
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fp4kv_cli.analysis.analyze import write_recipe_file
+from fp4kv_cli.analysis.recipe import check_recipe_path, write_recipe_file
 from fp4kv_cli.analysis.replan import load_analysis, replan
-from fp4kv_cli.cli.app import app, console, guarded
-from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.cli.app import WRITE_RECIPE_HELP, BudgetOption, KlBudgetOption, app, console, guarded
 from fp4kv_cli.quant.scales import load_scales_file
 
 
@@ -19,23 +17,12 @@ from fp4kv_cli.quant.scales import load_scales_file
 def recipe(
     analysis: Annotated[str, typer.Option("--analysis", help="analysis.json written by fp4kv analyze.")],
     scales: Annotated[str, typer.Option("--scales", help="The scales file that analysis used.")],
-    write_recipe: Annotated[
-        str,
-        typer.Option(
-            "--write-recipe", help="Write the scales file with the recipe's per-layer formats here."
-        ),
-    ],
-    budget: Annotated[
-        float, typer.Option("--budget", help="Recipe's mean stored bytes per cached element, at most.")
-    ] = 0.6,
-    kl_budget: Annotated[
-        float,
-        typer.Option("--kl-budget", help="Tensors whose lone KL is at most this stay in the base format."),
-    ] = 0.001,
+    write_recipe: Annotated[str, typer.Option("--write-recipe", help=WRITE_RECIPE_HELP)],
+    budget: BudgetOption = 0.6,
+    kl_budget: KlBudgetOption = 0.001,
 ) -> None:
     """Re-plan fp4kv analyze's recipe under another --budget / --kl-budget from its saved lone KLs."""
-    if Path(write_recipe).is_dir():
-        raise FP4KVError(f"--write-recipe {write_recipe} is a folder; give a file path")
+    check_recipe_path(write_recipe)
     scales_file = load_scales_file(scales)
     chosen = replan(load_analysis(analysis), scales_file, budget, kl_budget)
     write_recipe_file(write_recipe, scales_file, chosen)

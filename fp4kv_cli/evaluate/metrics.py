@@ -73,11 +73,15 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> PairedDifference:
     if len(a) != len(b) or not a:
         raise ValueError(f"paired difference needs two equal non-empty lists, got {len(a)} and {len(b)}")
     diffs = [int(bool(x)) - int(bool(y)) for x, y in zip(a, b)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    ci = None
-    if n > 1:
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-        half = Z95 * sd / math.sqrt(n)
-        ci = (mean - half, mean + half)
-    return PairedDifference(n, mean, ci, diffs.count(1), diffs.count(-1))
+    mean, ci = mean_interval(diffs)
+    return PairedDifference(len(diffs), mean, ci, diffs.count(1), diffs.count(-1))
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """Mean of per-question ``values`` and its normal 95% interval (None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    half = Z95 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+    return mean, (mean - half, mean + half)

@@ -29,6 +29,7 @@ from fp4kv_cli.evaluate.generate import (
 )
 from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
 from fp4kv_cli.evaluate.results import (
+    RESUME_KEY_DEFAULTS,
     SampleLog,
     load_fidelity,
     plot_summary,
@@ -53,6 +54,8 @@ RECIPE = "recipe"
 #: How decode steps read the cache: the fused kernel (where it runs), the same in static-shape
 #: steps replayed as CUDA graphs, or dequantized copies + SDPA.
 DECODE_ATTENTION = ("graph", "fused", "gather")
+#: The decode read of sample records and runs from before ``--decode-attention`` existed.
+OLD_DECODE_ATTENTION = RESUME_KEY_DEFAULTS["decode_attention"]
 
 
 @dataclass(frozen=True)
@@ -523,7 +526,7 @@ def _summary(
             "max_kv_capacity_bytes": max(r["kv_capacity_bytes"] for r in rows),
             "max_kv_stored_bytes": max(r["kv_stored_bytes"] for r in rows),
             "peak_gpu_bytes": max(peaks) if peaks else None,
-            "decode_attention": sorted({r.get("decode_attention", "gather") for r in rows}),
+            "decode_attention": sorted({r.get("decode_attention", OLD_DECODE_ATTENTION) for r in rows}),
             "fidelity": fidelity[kv].to_dict() if kv in fidelity else None,
         }
         if kv == RECIPE:

@@ -124,17 +124,12 @@ class KVCacheMethod(ABC):
             )
         return None
 
-    def scales_from_amax(self, k_amax: Sequence[float], v_amax: Sequence[float]) -> LayerScales | None:
-        """Per-layer K and V scales for per-layer K and V amax (None if the method uses none)."""
-        k, v = self.scale_from_amax(k_amax), self.scale_from_amax(v_amax)
-        return None if k is None else LayerScales(k=k, v=v)
-
     def load_scales(self, source: ScaleSource) -> LayerScales | None:
         """Per-layer scales from a ``scales.json`` path, a scales dict or a parsed file."""
         if not self.uses_tensor_scale:
             return None
         k_amax, v_amax = per_layer_amax(source)
-        return self.scales_from_amax(k_amax, v_amax)
+        return LayerScales(k=self.scale_from_amax(k_amax), v=self.scale_from_amax(v_amax))
 
     @staticmethod
     def load_k_offsets(source: ScaleSource) -> torch.Tensor | None:

@@ -31,6 +31,7 @@ from fp4kv_cli.quant.kernels.triton_fp4 import (
     _decode_pairs,
     _e4m3_decode,
     _half_bits,
+    sm_count,
 )
 
 #: Kernel format ids of the quant methods whose buffers the kernel reads, by method name.
@@ -382,7 +383,7 @@ def _device_programs(device: torch.device) -> int:
     """Programs that fill ``device`` (a few on the CPU interpreter, to exercise the splits)."""
     if device.type != "cuda":
         return 4
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * sm_count(device)
 
 
 __all__ = ["FORMAT_IDS", "KVSource", "can_read", "decode_attention"]

@@ -23,6 +23,8 @@ interpreter truncates that conversion; on the GPU the hardware ``cvt.rn`` is use
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -398,6 +400,13 @@ def _global(fmt: str, global_scale: torch.Tensor | None, device: torch.device) -
     return as_global_scale(global_scale, device)
 
 
+@cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (looked up once per device; kernels launch per layer
+    and step). The CPU interpreter counts as one SM, so the CPU tests run several tiles a program."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 class TritonBackend(TorchBackend):
     """NVFP4 / BlockFP4 on CUDA (compute capability >= 8.0) with the Triton kernels above.
 
@@ -556,9 +565,7 @@ class TritonBackend(TorchBackend):
                 pass
         programs = triton.cdiv(n_rows, rows)
         if QUANTIZE_PROGRAMS_PER_SM:
-            # The interpreter (CPU tensors) counts as one SM, so the CPU tests run several tiles a program.
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-            programs = min(programs, QUANTIZE_PROGRAMS_PER_SM * sms)
+            programs = min(programs, QUANTIZE_PROGRAMS_PER_SM * sm_count(x.device))
         _quantize_kernel[(programs, triton.cdiv(n_blocks, blocks))](
             words,
             packed,
