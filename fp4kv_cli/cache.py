@@ -50,9 +50,11 @@ class _SharedState:
     #: During a static decode (:meth:`QuantKVCache.begin_static_decode`): ``[1]`` int64 device
     #: tensor, the position every row writes this step; its owner advances it between steps.
     static_position: torch.Tensor | None = None
+    #: During a static decode: ``[batch]`` int64 device tensor, each row's slot at
+    #: ``static_position`` (``row * capacity + position``), advanced with it by its owner.
+    static_slots: torch.Tensor | None = None
     _write: tuple[tuple[Any, ...], torch.Tensor] | None = None
     _read: tuple[tuple[Any, ...], torch.Tensor] | None = None
-    _rows: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def write_loc(
         self, batch: int, capacity: int, start: int, length: int, device: torch.device
@@ -63,14 +65,6 @@ class _SharedState:
             rows = torch.arange(batch, device=device).unsqueeze(1) * capacity
             self._write = (key, (rows + torch.arange(start, start + length, device=device)).reshape(-1))
         return self._write[1]
-
-    def static_write_loc(self, batch: int, capacity: int, device: torch.device) -> torch.Tensor:
-        """Slots ``[batch]`` int64 of position ``static_position`` of every row, computed on the
-        device (a CUDA graph replays it for each new position)."""
-        key = (batch, capacity, device)
-        if self._rows is None or self._rows[0] != key:
-            self._rows = (key, torch.arange(batch, device=device) * capacity)
-        return self._rows[1] + self.static_position
 
     def read_loc(self, batch: int, capacity: int, length: int, device: torch.device) -> torch.Tensor:
         """Slots ``[batch * length]`` int64 of positions ``0 .. length-1`` of every row, row-major."""
@@ -198,10 +192,9 @@ class QuantKVLayer(CacheLayerMixin):
         keys = key_states if self.k_offset is None else key_states.float() - self.k_offset[:, None, :]
         start, new = self.length, key_states.shape[-2]
         if self.static and new == 1:
-            # Static decode: the slot comes from a device tensor and nothing on the host changes,
+            # Static decode: the slots come from a device tensor and nothing on the host changes,
             # so a captured step replays correctly; the attention kernel reads the buffers.
-            write = self.shared.static_write_loc(self.batch, self.capacity, self.device)
-            self._store(write, keys, value_states, key_states)
+            self._store(self.shared.static_slots, keys, value_states, key_states)
             self.kernel_step = True
             return key_states, value_states
         if start == 0 and (self.dynamic_k or self.dynamic_v):
@@ -525,18 +518,20 @@ class QuantKVCache(Cache):
             if predicate is not None:
                 layer.kernel_reads = 0
 
-    def begin_static_decode(self, position: torch.Tensor) -> None:
-        """Decode steps from now on write the slot at ``position`` (``[1]`` int64 device tensor,
-        advanced by the caller) and leave reading to the attention kernel over the whole
+    def begin_static_decode(self, position: torch.Tensor, slots: torch.Tensor) -> None:
+        """Decode steps from now on write position ``position`` (``[1]`` int64 device tensor) of
+        every row, at ``slots`` (``[batch]`` int64, ``row * capacity + position``), both advanced
+        in place by the caller, and leave reading to the attention kernel over the whole
         capacity, with no host-side state change per step: what a CUDA graph of the step needs
         (:mod:`fp4kv_cli.evaluate.static_decode`). The buffers must already hold the prompt and
         have room for every position the caller will write."""
         self.shared.static_position = position
+        self.shared.static_slots = slots
 
     def end_static_decode(self, length: int, replayed: bool) -> None:
         """Back to ordinary steps, with ``length`` tokens per row now stored; ``replayed``: the
         steps ran as CUDA graph replays (recorded in :attr:`static_decode`)."""
-        self.shared.static_position = None
+        self.shared.static_position = self.shared.static_slots = None
         self.static_decode = "graph" if replayed else "static"
         for layer in self.layers:
             layer.length = length

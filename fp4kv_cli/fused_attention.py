@@ -12,7 +12,7 @@ quant methods; only the read moves into the attention kernel, as in a serving en
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fp4kv_cli.cache import QuantKVCache, QuantKVLayer
+from fp4kv_cli.quant.methods import KVCacheMethod
 
 #: The attention implementation name registered with transformers.
 ATTENTION_NAME = "fp4kv"
@@ -44,13 +45,37 @@ def decode_kernels() -> ModuleType | None:
     return decode_attention
 
 
+def fused_decode_supported(model: Any, cache: Any) -> bool:
+    """Whether :func:`fused_decode` switches ``model``'s decode steps through ``cache`` to the
+    kernel: a :class:`QuantKVCache`, Triton importable, ``model`` running SDPA attention, on CUDA
+    (or with Triton interpreted). Which layers the kernel then reads is :func:`fusable`'s call."""
+    kernels = decode_kernels()
+    return (
+        isinstance(cache, QuantKVCache)
+        and kernels is not None
+        and model.config._attn_implementation == "sdpa"
+        and (next(model.parameters()).device.type == "cuda" or kernels.INTERPRETED)
+    )
+
+
+def fuses_every_layer(model: Any, cache: Any) -> bool:
+    """Whether :func:`fused_decode_supported` holds and the kernel will read every layer of
+    ``cache``, as :func:`fusable` finds once the buffers exist: foreseen from ``model``'s dtype,
+    device and head_dim and the buffer dtype of each layer's K and V methods."""
+    if not fused_decode_supported(model, cache):
+        return False
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
+    methods = [method for layer in cache.layers for method in (layer.k_method, layer.v_method)]
+    return _reads([(method, getattr(method, "dtype", dtype)) for method in methods], dtype, head_dim, device)
+
+
 def fusable(layer: QuantKVLayer) -> bool:
     """Whether the kernel can read this layer's K and V buffers (formats, dtypes, head_dim, device)."""
-    kernels = decode_kernels()
-    return kernels is not None and all(
-        kernels.can_read(method.name, buffer.dtype, layer.dtype, layer.head_dim, layer.device)
-        for method, buffer in ((layer.k_method, layer.buffers.k), (layer.v_method, layer.buffers.v))
-    )
+    formats = ((layer.k_method, layer.buffers.k.dtype), (layer.v_method, layer.buffers.v.dtype))
+    return _reads(formats, layer.dtype, layer.head_dim, layer.device)
 
 
 def decode_read(cache: QuantKVCache) -> str:
@@ -118,17 +143,10 @@ def fused_decode(model: Any, cache: Any) -> Iterator[bool]:
     other than :class:`QuantKVCache`, models not running SDPA attention, models off CUDA, or
     where Triton is missing.
     """
-    kernels = decode_kernels()
-    device = next(model.parameters()).device
-    previous = model.config._attn_implementation
-    if (
-        not isinstance(cache, QuantKVCache)
-        or kernels is None
-        or previous != "sdpa"
-        or not (device.type == "cuda" or kernels.INTERPRETED)
-    ):
+    if not fused_decode_supported(model, cache):
         yield False
         return
+    previous = model.config._attn_implementation
     _register()
     token = _ACTIVE.set(cache)
     cache.set_fused_decode(fusable)
@@ -139,6 +157,21 @@ def fused_decode(model: Any, cache: Any) -> Iterator[bool]:
         model.set_attn_implementation(previous)
         cache.set_fused_decode(None)
         _ACTIVE.reset(token)
+
+
+def _reads(
+    formats: Iterable[tuple[KVCacheMethod, torch.dtype]],
+    dtype: torch.dtype,
+    head_dim: int,
+    device: torch.device,
+) -> bool:
+    """Whether the kernel reads buffers of these ``(method, buffer dtype)`` for a ``dtype`` query
+    of ``head_dim`` on ``device``."""
+    kernels = decode_kernels()
+    return kernels is not None and all(
+        kernels.can_read(method.name, buffer_dtype, dtype, head_dim, device)
+        for method, buffer_dtype in formats
+    )
 
 
 def _token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
@@ -165,5 +198,7 @@ __all__ = [
     "fp4kv_attention",
     "fusable",
     "fused_decode",
+    "fused_decode_supported",
+    "fuses_every_layer",
     "layer_attention",
 ]

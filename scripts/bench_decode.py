@@ -40,12 +40,11 @@ from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.generate import left_pad, neutral_generation_defaults
 from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
-from fp4kv_cli.evaluate.runner import cache_factory, k_offsets_for
+from fp4kv_cli.evaluate.runner import cache_factory, load_scales_for
 from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
-from fp4kv_cli.model_config import KVShape, load_config_dict
+from fp4kv_cli.model_config import load_config_dict
 from fp4kv_cli.models import cache_argument, load_model_and_tokenizer, parse_dtype, resolve_device
-from fp4kv_cli.quant.scales import load_scales_file
 
 TOP_OPS = 12
 #: Suffix of the variants that read the cache by dequantize + SDPA instead of the fused kernel.
@@ -70,10 +69,7 @@ def cache_maker(
     as ``fp4kv eval gsm8k`` builds them (scales, K offsets and recipe from ``scales_path``)."""
     scales_file = offsets = None
     if scales_path:
-        config = load_config_dict(model_path)
-        scales_file = load_scales_file(scales_path)
-        scales_file.check_model(config)
-        offsets = k_offsets_for(scales_file, KVShape.from_config(config))
+        scales_file, offsets = load_scales_for(load_config_dict(model_path), scales_path)
     device = next(model.parameters()).device
     quantized = cache_factory(model.config, formats, scales_file, offsets, dtype, device)
 

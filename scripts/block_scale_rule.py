@@ -47,7 +47,7 @@ from rich.table import Table
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.evaluate.runner import EvalSettings, run_gsm8k
 from fp4kv_cli.quant import reference
-from fp4kv_cli.quant.formats import e2m1_decode, e2m1_encode, e4m3_decode, e4m3_encode_satfinite, pack_nibbles
+from fp4kv_cli.quant.formats import e2m1_decode, e4m3_decode, pack_nibbles
 
 #: 1 / (E2M1 value the block max is mapped to): 6 first, as the shipped writer rounds it (its
 #: float32 1/6), so ties keep the shipped choice; 1/4 is exact.
@@ -64,15 +64,10 @@ def nvfp4_quantize_four_over_six(
         reference.check_global_scale(global_scale)
     blocks = reference._blocks(x)
     g = reference.as_global_scale(global_scale, x.device)
-    block_max = blocks.abs().amax(dim=-1)
     best_err = best_codes = best_sf = None
     for reciprocal_top in CANDIDATE_RECIPROCALS:
-        sf_byte = e4m3_encode_satfinite((1.0 / g) * (block_max * reciprocal_top))
-        sf = e4m3_decode(sf_byte)
-        denom = sf * g
-        reciprocal = torch.where(sf != 0, 1.0 / denom, torch.zeros_like(denom))
-        codes = e2m1_encode(blocks * reciprocal.unsqueeze(-1))
-        read = (e2m1_decode(codes) * sf.unsqueeze(-1)) * g  # what the NVFP4 reader returns (fp32)
+        sf_byte, codes = reference._nvfp4_encode(blocks, g, reciprocal_top)
+        read = (e2m1_decode(codes) * e4m3_decode(sf_byte).unsqueeze(-1)) * g  # the NVFP4 reader's fp32
         err = ((read - blocks) ** 2).sum(dim=-1)
         if best_err is None:
             best_err, best_codes, best_sf = err, codes, sf_byte

@@ -198,3 +198,27 @@ def test_row_stops_are_where_generate_stops(smollm2_dir: Path) -> None:
     # Row 2: the prompt's trailing newline and the generated one make "\n\n" at once.
     assert got[2] == 1
     assert counts(plain)[2] > 1
+
+
+def test_row_stops_at_the_first_eos() -> None:
+    """``RowStops`` finds each row's first EOS (not counted) over updates: EOS as the first or the
+    last token of a check, either EOS id, no EOS, a stopped row keeping its end, a repeated check."""
+    from fp4kv_cli.evaluate.generate import RowStops
+
+    tokens = torch.tensor([
+        [2, 5, 5, 5, 5, 5],  # EOS first: keeps nothing
+        [5, 5, 5, 7, 5, 5],  # EOS last of the first check
+        [5, 5, 5, 5, 5, 5],  # no EOS: runs to the end
+        [5, 2, 5, 7, 2, 5],  # stopped at its first EOS; the later ones change nothing
+        [5, 5, 5, 5, 2, 5],  # EOS first of the second check
+        [5, 5, 5, 5, 5, 2],  # EOS last of the second check
+    ])  # fmt: skip
+    stop = RowStops(torch.zeros(6, 3, dtype=torch.long), [2, 7], None, None)
+    first = [True, True, False, True, False, False]
+    assert stop.update(tokens[:, :4]).tolist() == first
+    assert stop.update(tokens[:, :4]).tolist() == first  # nothing new to look at
+    assert stop.update(tokens).tolist() == [True, True, False, True, True, True]
+    assert stop.counts(6).tolist() == [0, 3, 6, 1, 4, 5]
+    no_eos = RowStops(torch.zeros(6, 3, dtype=torch.long), [], None, None)
+    assert not no_eos.update(tokens).any()
+    assert no_eos.counts(6).tolist() == [6] * 6

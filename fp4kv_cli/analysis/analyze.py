@@ -40,8 +40,8 @@ from fp4kv_cli.evaluate.fidelity import Fidelity, measure_fidelity
 from fp4kv_cli.evaluate.runner import (
     REFERENCE,
     RecipeSpec,
-    k_offsets_for,
     kv_method,
+    load_scales_for,
     recipe_spec,
     teacher_forced_samples,
 )
@@ -56,7 +56,7 @@ from fp4kv_cli.models import (
 from fp4kv_cli.progress import count_progress
 from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod
 from fp4kv_cli.quant.registry import get_kv_cache_method
-from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
+from fp4kv_cli.quant.scales import ScalesFile
 
 #: Few-shot examples in each teacher-forced sample (lm-eval gsm8k default).
 NUM_FEWSHOT = 5
@@ -93,13 +93,12 @@ class _Run:
 def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
     """Run the analysis, write ``analysis.json`` and the heat map in ``settings.out`` (and the
     recipe file if asked) and return the JSON-ready result."""
-    scales_file, shape = _check(settings)
+    scales_file, offsets, shape = _check(settings)
     device = resolve_device(settings.device)
     dtype = parse_dtype(settings.dtype, device)
     with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {device})"):
         model, tokenizer = load_model_and_tokenizer(settings.model, device, dtype)
     samples = teacher_forced_samples(tokenizer, settings.samples, NUM_FEWSHOT)
-    offsets = k_offsets_for(scales_file, shape)
     offsets = None if offsets is None else offsets.to(device)
     base = kv_method(settings.format, dtype)
     amax = _Amax.of(scales_file)
@@ -185,7 +184,7 @@ class _Amax:
         return cls(scales_file.k_amax(), scales_file.k_amax_raw(), scales_file.v_amax())
 
 
-def _check(settings: AnalyzeSettings) -> tuple[ScalesFile, KVShape]:
+def _check(settings: AnalyzeSettings) -> tuple[ScalesFile, torch.Tensor | None, KVShape]:
     if settings.samples <= 0:
         raise FP4KVError(f"--samples must be > 0, got {settings.samples}")
     base, upgrade = get_kv_cache_method(settings.format), get_kv_cache_method(settings.upgrade)
@@ -196,10 +195,9 @@ def _check(settings: AnalyzeSettings) -> tuple[ScalesFile, KVShape]:
     shape = KVShape.from_config(config)
     for method in (base, upgrade):
         method.check_head_dim(shape.head_dim)
-    scales_file = load_scales_file(settings.scales)
-    scales_file.check_model(config)
+    scales_file, offsets = load_scales_for(config, settings.scales)
     check_recipe_path(settings.write_recipe)
-    return scales_file, shape
+    return scales_file, offsets, shape
 
 
 def _measure(

@@ -169,17 +169,30 @@ class RowStops:
 
     def update(self, tokens: torch.Tensor) -> torch.Tensor:
         """Look at the tokens ``[batch, n]`` not seen yet; returns which rows have stopped."""
-        for count in range(self.checked + 1, tokens.shape[1] + 1):
-            eos = torch.isin(tokens[:, count - 1], self.eos_ids)
-            hit = eos
-            if self.criteria is not None:
-                recent = tokens[:, max(0, count - self.tail) : count]
-                sequence = torch.cat([self.prompt_tail, recent], dim=1)
-                hit = hit | self.criteria(sequence, None)
-            new = hit & (self.ends < 0)
-            self.ends = torch.where(new, torch.where(eos, count - 1, count), self.ends)
-        self.checked = max(self.checked, tokens.shape[1])
+        if tokens.shape[1] > self.checked:
+            none = tokens.shape[1] + 1  # beyond any end: no stop among the new tokens
+            found = torch.minimum(self._eos_ends(tokens, none), self._stop_string_ends(tokens, none))
+            self.ends = torch.where((self.ends < 0) & (found < none), found, self.ends)
+            self.checked = tokens.shape[1]
         return self.ends >= 0
+
+    def _eos_ends(self, tokens: torch.Tensor, none: int) -> torch.Tensor:
+        """Per row, the tokens kept before its first EOS among the new tokens (``none`` if none)."""
+        is_eos = torch.isin(tokens[:, self.checked :], self.eos_ids)
+        first = is_eos.long().argmax(1)  # the first True, or 0 in a row without one
+        return torch.where(is_eos.any(1), self.checked + first, none)
+
+    def _stop_string_ends(self, tokens: torch.Tensor, none: int) -> torch.Tensor:
+        """Per row, the tokens kept through the first new token completing a stop string
+        (``none`` if none, or without stop strings)."""
+        ends = torch.full((tokens.shape[0],), none, dtype=torch.long, device=tokens.device)
+        if self.criteria is None:
+            return ends
+        for count in range(tokens.shape[1], self.checked, -1):  # backwards: the earliest hit stays
+            recent = tokens[:, max(0, count - self.tail) : count]
+            hit = self.criteria(torch.cat([self.prompt_tail, recent], dim=1), None)
+            ends = torch.where(hit, count, ends)
+        return ends
 
     def counts(self, length: int) -> torch.Tensor:
         """Tokens each row keeps, ``length`` for rows that never stopped."""

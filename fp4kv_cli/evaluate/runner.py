@@ -7,7 +7,7 @@ The KV dtype ``recipe`` runs the per-layer K/V formats written in the ``--scales
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -241,10 +241,9 @@ def _plan(settings: EvalSettings) -> _Plan:
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
     config = load_config_dict(settings.model)
     shape = KVShape.from_config(config)
-    scales_file = None
+    scales_file = k_offsets = None
     if settings.scales is not None:
-        scales_file = load_scales_file(settings.scales)
-        scales_file.check_model(config)
+        scales_file, k_offsets = load_scales_for(config, settings.scales)
     formats = [kv for kv in kv_dtypes if kv != RECIPE]
     if RECIPE in kv_dtypes:
         k_formats, v_formats = _recipe_formats(scales_file)
@@ -260,7 +259,7 @@ def _plan(settings: EvalSettings) -> _Plan:
         _config_record(settings),
         settings.resume,
     )
-    return _Plan(questions, train, shape, scales_file, k_offsets_for(scales_file, shape), run_dir)
+    return _Plan(questions, train, shape, scales_file, k_offsets, run_dir)
 
 
 def _config_record(settings: EvalSettings) -> dict[str, Any]:
@@ -271,6 +270,14 @@ def _config_record(settings: EvalSettings) -> dict[str, Any]:
         if record[key] is not None and Path(record[key]).expanduser().exists():
             record[key] = str(Path(record[key]).expanduser().resolve())
     return record
+
+
+def load_scales_for(config: Mapping[str, Any], scales_path: str) -> tuple[ScalesFile, torch.Tensor | None]:
+    """The scales file at ``scales_path``, checked against the model's ``config`` dict, and its K
+    centering offsets (:func:`k_offsets_for`), as ``fp4kv eval gsm8k`` loads them."""
+    scales_file = load_scales_file(scales_path)
+    scales_file.check_model(config)
+    return scales_file, k_offsets_for(scales_file, KVShape.from_config(config))
 
 
 def k_offsets_for(scales_file: ScalesFile | None, shape: KVShape) -> torch.Tensor | None:

@@ -32,27 +32,18 @@ CHECK_EVERY = 16
 
 
 def static_decode_supported(model: Any, cache: Any) -> bool:
-    """Whether :func:`greedy_static` can run ``model`` with ``cache``: a :class:`QuantKVCache`
-    on an SDPA model whose layers all use full attention (the static mask has no sliding window),
-    on a device where the decode-attention kernel reads every layer's K and V formats."""
-    kernels = fused_attention.decode_kernels()
-    if not isinstance(cache, QuantKVCache) or kernels is None or model.config._attn_implementation != "sdpa":
+    """Whether :func:`greedy_static` can run ``model`` with ``cache``: the decode-attention kernel
+    reads every layer (:func:`~fp4kv_cli.fused_attention.fuses_every_layer`), every layer uses
+    full attention (the static mask has no sliding window) and the rotary frequencies do not
+    follow the length."""
+    if not fused_attention.fuses_every_layer(model, cache):
         return False
     text = model.config.get_text_config(decoder=True)
     if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         return False
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     rope_type = str(rope.get("rope_type", rope.get("type", "default")))
-    if "dynamic" in rope_type or rope_type == "longrope":  # frequencies follow the length: host syncs
-        return False
-    parameter = next(model.parameters())
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    dtype, device = parameter.dtype, parameter.device
-    return all(
-        kernels.can_read(method.name, getattr(method, "dtype", dtype), dtype, head_dim, device)
-        for layer in cache.layers
-        for method in (layer.k_method, layer.v_method)
-    )
+    return "dynamic" not in rope_type and rope_type != "longrope"  # frequencies follow the length: host syncs
 
 
 def greedy_static(
@@ -107,19 +98,20 @@ def greedy_static(
         state = _StepState(
             ids=tokens[:, :1].clone(),
             positions=positions[:, -1:] + 1,
-            slot=torch.full((1,), prompt, dtype=torch.long, device=device),
+            cache_position=torch.full((1,), prompt, dtype=torch.long, device=device),
+            slots=torch.arange(batch, device=device) * capacity + prompt,
             column=torch.ones(1, dtype=torch.long, device=device),
             mask=mask,
             tokens=tokens,
         )
 
         def step() -> None:
-            state.mask.index_fill_(3, state.slot, True)  # the new token attends to itself
+            state.mask.index_fill_(3, state.cache_position, True)  # the new token attends to itself
             out = model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
                         logits_to_keep=1, **argument).logits  # fmt: skip
             state.advance(out[:, -1].argmax(-1))
 
-        cache.begin_static_decode(state.slot)
+        cache.begin_static_decode(state.cache_position, state.slots)
         done = 1
         try:
             done = _run_steps(
@@ -136,11 +128,13 @@ def greedy_static(
 @dataclass
 class _StepState:
     """Device tensors a static step reads and advances: the token to write and its rotary position
-    per row, the slot all rows write, the output column, the mask and the output tokens."""
+    per row, the cache position all rows write (``[1]``) and each row's slot there
+    (``[batch]``, ``row * capacity + position``), the output column, the mask and the output tokens."""
 
     ids: torch.Tensor
     positions: torch.Tensor
-    slot: torch.Tensor
+    cache_position: torch.Tensor
+    slots: torch.Tensor
     column: torch.Tensor
     mask: torch.Tensor
     tokens: torch.Tensor
@@ -150,7 +144,8 @@ class _StepState:
         self.tokens.index_copy_(1, self.column, next_ids[:, None])
         self.ids.copy_(next_ids[:, None])
         self.positions.add_(1)
-        self.slot.add_(1)
+        self.cache_position.add_(1)
+        self.slots.add_(1)
         self.column.add_(1)
 
 

@@ -98,15 +98,22 @@ def nvfp4_quantize_reference(
     if check:
         check_finite(x)
         check_global_scale(global_scale)
-    xb = _blocks(x)
-    g = as_global_scale(global_scale, x.device)
+    sf_byte, codes = _nvfp4_encode(_blocks(x), as_global_scale(global_scale, x.device), _ONE_SIXTH)
+    return pack_nibbles(codes.reshape(x.shape[0], -1)), sf_byte
+
+
+def _nvfp4_encode(
+    xb: torch.Tensor, g: torch.Tensor, reciprocal_top: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 scale bytes ``[M, B]`` and E2M1 codes ``[M, B, 16]`` of fp32 blocks ``xb [M, B, 16]``
+    with global scale ``g``, each block's max mapped to the E2M1 value ``1 / reciprocal_top``
+    (``_ONE_SIXTH``: 6, the shipped rule)."""
     block_max = xb.abs().amax(dim=-1)
-    sf_byte = e4m3_encode_satfinite((1.0 / g) * (block_max * _ONE_SIXTH))
+    sf_byte = e4m3_encode_satfinite((1.0 / g) * (block_max * reciprocal_top))
     sf = e4m3_decode(sf_byte)
     denom = sf * g
     reciprocal = torch.where(sf != 0, 1.0 / denom, torch.zeros_like(denom))
-    codes = e2m1_encode(xb * reciprocal.unsqueeze(-1))
-    return pack_nibbles(codes.reshape(x.shape[0], -1)), sf_byte
+    return sf_byte, e2m1_encode(xb * reciprocal.unsqueeze(-1))
 
 
 def nvfp4_dequantize_reference(

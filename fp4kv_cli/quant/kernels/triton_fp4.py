@@ -162,10 +162,10 @@ def _half_bits(v, OUT_KIND: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _tile(n_rows, heads, n_blocks, ROWS: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr):
-    """This program's rows, their (token, head), its block columns, the validity masks and the
-    offsets ``[1, BLOCKS, LANES]`` of the first LANES pair words of each block in a row."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def _tile(tile, n_rows, heads, n_blocks, ROWS: tl.constexpr, BLOCKS: tl.constexpr, LANES: tl.constexpr):
+    """Rows of row tile ``tile``, their (token, head), this program's block columns, the validity
+    masks and the offsets ``[1, BLOCKS, LANES]`` of the first LANES pair words of each block in a row."""
+    rows = tile * ROWS + tl.arange(0, ROWS)
     blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     row_ok = rows < n_rows
     token = rows // heads
@@ -230,14 +230,8 @@ def _quantize_kernel(
     else:
         n_tiles = 1  # a constant one-trip loop: the compiler folds it away
     for i in tl.range(0, n_tiles, num_stages=STAGES):
-        # _tile's arithmetic, for row tile program_id(0) + i * num_programs(0).
-        rows = (tl.program_id(0) + i * tl.num_programs(0)) * ROWS + tl.arange(0, ROWS)
-        blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-        row_ok = rows < n_rows
-        token = rows // heads
-        head = rows - token * heads
-        block_ok = row_ok[:, None] & (blocks < n_blocks)[None, :]
-        quad = blocks[None, :, None] * 8 + tl.arange(0, 4)[None, None, :]
+        tile = tl.program_id(0) + i * tl.num_programs(0)
+        row_ok, token, head, blocks, block_ok, quad = _tile(tile, n_rows, heads, n_blocks, ROWS, BLOCKS, 4)
         if SCATTER:
             slot = tl.load(loc_ptr + token, mask=row_ok, other=0).to(tl.int64)
         else:
@@ -340,7 +334,9 @@ def _dequantize_kernel(
     BLOCKS: tl.constexpr,
 ):
     """Rows ``(token, head)`` read from slot ``loc[token]`` when GATHER else ``token`` -> out pair words."""
-    row_ok, token, head, blocks, block_ok, pair = _tile(n_rows, heads, n_blocks, ROWS, BLOCKS, 8)
+    row_ok, token, head, blocks, block_ok, pair = _tile(
+        tl.program_id(0), n_rows, heads, n_blocks, ROWS, BLOCKS, 8
+    )
     if GATHER:
         slot = tl.load(loc_ptr + token, mask=row_ok, other=0).to(tl.int64)
     else:
