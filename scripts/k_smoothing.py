@@ -1,0 +1,163 @@
+"""Would per-RoPE-pair K smoothing lower NVFP4's damage on the centered K? (issue 7, item 4)
+
+SmoothAttention (QServe, 2024) divides K channel ``c`` by ``lambda_c = max|K_c|^alpha`` and
+multiplies the query's channel by the same factor, so every score ``q.k`` is unchanged while
+outlier channels stop owning their quantization block. Applied post-RoPE it must use one factor
+per rotary pair (``c`` and ``c + head_dim/2``): then it commutes with RoPE and folds into the
+``q_proj`` / ``k_proj`` weights and biases, so an engine would serve it from a re-weighted
+checkpoint with unchanged kernels.
+
+Before building that, this script measures what it could gain, at the attention itself: it
+captures every layer's post-RoPE queries and keys on GSM8K test prompts + gold answers (the
+fidelity text), centers K with the scales file's ``k_offset``, smooths it with each ``alpha``
+(``alpha = 0`` is the shipped centered cache), NVFP4-quantizes it through the reference quantizer
+with ``g = amax / (6 * 448)`` of the smoothed keys, and reports per layer the mean over query rows
+and heads of KL(softmax(q.k / sqrt(d)) || softmax(q.k_hat / sqrt(d))) under the causal mask.
+The smoothing factors and ``g`` come from the same prompts (in-sample: an upper bound on what
+calibrated factors would gain). Prints machine, versions and the figures, saves them as JSON.
+
+usage: python scripts/k_smoothing.py --model DIR --scales centered.scales.json [--samples 3]
+       [--alphas 0,0.25,0.5,0.75,1] [--out k_smoothing.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import transformers
+from rich.console import Console
+from rich.table import Table
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from fp4kv_cli.atomic import write_json_atomic
+from fp4kv_cli.data import load_gsm8k
+from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
+from fp4kv_cli.models import load_model_and_tokenizer
+from fp4kv_cli.quant.reference import nvfp4_dequantize_reference, nvfp4_quantize_reference
+from fp4kv_cli.quant.scales import load_scales_file
+
+CAPTURE = "fp4kv_capture_qk"
+
+
+def capture_queries_and_keys(model, tokenizer, text: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (q [heads, T, d], k [kv_heads, T, d])}`` post-RoPE, fp32, of one text."""
+    captured = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        captured[module.layer_idx] = (query[0].float(), key[0].float())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CAPTURE, attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE)
+    try:
+        with torch.no_grad():
+            model(tokenizer(text, return_tensors="pt").input_ids.to(model.device))
+    finally:
+        model.set_attn_implementation(previous)
+    return captured
+
+
+def pair_factors(centered: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``lambda [kv_heads, d]``: one ``max|K|^alpha`` per rotary pair, geometric mean 1 per head."""
+    half = centered.shape[-1] // 2
+    magnitude = centered.abs().amax(dim=1)
+    pair = torch.maximum(magnitude[:, :half], magnitude[:, half:]).clamp_min(1e-6) ** alpha
+    pair = pair / pair.log().mean(dim=1, keepdim=True).exp()
+    return torch.cat([pair, pair], dim=1)
+
+
+def nvfp4_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of ``x [..., d]`` with ``g = amax / (6 * 448)`` (reference)."""
+    rows = x.reshape(-1, x.shape[-1])
+    g = rows.abs().amax() / (6 * 448)
+    packed, scales = nvfp4_quantize_reference(rows, g)
+    return nvfp4_dequantize_reference(packed, scales, g, torch.float32).reshape(x.shape)
+
+
+def attention_kl(q: torch.Tensor, k: torch.Tensor, k_hat: torch.Tensor) -> float:
+    """Mean over heads and query rows of the causal attention KL of ``k_hat`` vs ``k``."""
+    group = q.shape[0] // k.shape[0]
+    scale = q.shape[-1] ** -0.5
+    future = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool, device=q.device).triu(1)
+    ref = (q @ k.repeat_interleave(group, 0).transpose(1, 2) * scale).masked_fill(future, -torch.inf)
+    got = (q @ k_hat.repeat_interleave(group, 0).transpose(1, 2) * scale).masked_fill(future, -torch.inf)
+    ref, got = ref.log_softmax(-1), got.log_softmax(-1)
+    return (ref.exp() * (ref - got)).masked_fill(future, 0).sum(-1).mean().item()
+
+
+def layer_kls(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, alphas: list[float]) -> list[float]:
+    """Attention KL of NVFP4 centered K per ``alpha`` (q scaled by the factors K is divided by)."""
+    centered = k - offset[:, None, :]
+    kls = []
+    for alpha in alphas:
+        factors = pair_factors(centered, alpha)
+        smoothed = centered / factors[:, None, :]
+        queries = q * factors.repeat_interleave(q.shape[0] // k.shape[0], 0)[:, None, :]
+        kls.append(attention_kl(queries, smoothed, nvfp4_round_trip(smoothed)))
+    return kls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--scales", required=True, help="centered scales file (k_offset per layer)")
+    parser.add_argument("--samples", type=int, default=3, help="GSM8K test questions (prompt + gold)")
+    parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="k_smoothing.json")
+    args = parser.parse_args()
+    alphas = [float(a) for a in args.alphas.split(",")]
+    scales = load_scales_file(args.scales)
+    if any(layer.k_offset is None for layer in scales.layers):
+        raise SystemExit(f"error: {args.scales} has layers without k_offset; calibrate with --center-k")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, "bf16")
+    scales.check_model(model.config.to_dict())
+    if set(getattr(model.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        raise SystemExit(f"error: {args.model} has sliding-window layers; this script scores full causal attention")
+    offsets = [torch.tensor(layer.k_offset, device=model.device) for layer in scales.layers]
+    test = load_gsm8k("test")[: args.samples]
+    prompts = fewshot_prompts(test, load_gsm8k("train"), 5)
+    per_layer: list[list[list[float]]] = [[] for _ in offsets]  # [layer][sample][alpha]
+    for prompt, row in zip(prompts, test):
+        for layer, (q, k) in capture_queries_and_keys(model, tokenizer, f"{prompt} {row['answer']}").items():
+            per_layer[layer].append(layer_kls(q, k, offsets[layer], alphas))
+    means = [[statistics.mean(s[i] for s in samples) for i in range(len(alphas))] for samples in per_layer]
+    machine = {
+        "machine": platform.platform(), "processor": platform.processor(), "device": str(model.device),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }  # fmt: skip
+    table = Table(title=f"NVFP4 centered K, attention KL per layer ({args.samples} GSM8K prompts + answers)")
+    for column in ("alpha", "mean over layers", "mean, layers 1+", "layers below alpha 0", "layer 0"):
+        table.add_column(column, justify="right")
+    rows = []
+    for i, alpha in enumerate(alphas):
+        column = [m[i] for m in means]
+        below = sum(m[i] < m[0] for m in means) if alphas[0] == 0 else None
+        rows.append(
+            {"alpha": alpha, "mean": statistics.mean(column), "mean_layers_1_on": statistics.mean(column[1:]),
+             "layers_below_alpha_0": below, "per_layer": column}
+        )  # fmt: skip
+        cells = (f"{alpha:g}", f"{rows[-1]['mean']:.5f}", f"{rows[-1]['mean_layers_1_on']:.5f}")
+        table.add_row(*cells, "-" if below is None else f"{below}/{len(column)}", f"{column[0]:.5f}")
+    console = Console()
+    console.print(machine)
+    console.print(table)
+    write_json_atomic(
+        args.out,
+        {**machine, "model": args.model, "scales": args.scales, "samples": args.samples, "alphas": rows},
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
