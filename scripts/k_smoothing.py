@@ -1,4 +1,4 @@
-"""Would per-RoPE-pair K smoothing lower NVFP4's damage on the centered K? (issue 7, item 4)
+"""Would per-RoPE-pair K smoothing (or another block layout) lower NVFP4's damage on centered K?
 
 SmoothAttention (QServe, 2024) divides K channel ``c`` by ``lambda_c = max|K_c|^alpha`` and
 multiplies the query's channel by the same factor, so every score ``q.k`` is unchanged while
@@ -14,10 +14,13 @@ fidelity text), centers K with the scales file's ``k_offset``, smooths it with e
 with ``g = amax / (6 * 448)`` of the smoothed keys, and reports per layer the mean over query rows
 and heads of KL(softmax(q.k / sqrt(d)) || softmax(q.k_hat / sqrt(d))) under the causal mask.
 The smoothing factors and ``g`` come from the same prompts (in-sample: an upper bound on what
-calibrated factors would gain). Prints machine, versions and the figures, saves them as JSON.
+calibrated factors would gain). Two more rows put the figures in scale: NVFP4 blocks of 16
+*tokens* per channel instead of 16 channels per token (KIVI's layout for K, which an engine could
+only write 16 tokens at a time) and per-tensor FP8 (``s = amax / 448``), both of the centered,
+unsmoothed K. Prints machine, versions and the figures, saves them as JSON.
 
 usage: python scripts/k_smoothing.py --model DIR --scales centered.scales.json [--samples 3]
-       [--alphas 0,0.25,0.5,0.75,1] [--out k_smoothing.json]
+       [--alphas 0,0.25,0.5,0.75,1] [--out k_smoothing.json]   (alphas start with 0: the baseline)
 """
 
 from __future__ import annotations
@@ -42,10 +45,17 @@ from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
 from fp4kv_cli.models import load_model_and_tokenizer
-from fp4kv_cli.quant.reference import nvfp4_dequantize_reference, nvfp4_quantize_reference
+from fp4kv_cli.quant.reference import (
+    fp8_dequantize_reference,
+    fp8_quantize_reference,
+    nvfp4_dequantize_reference,
+    nvfp4_quantize_reference,
+)
 from fp4kv_cli.quant.scales import load_scales_file
 
 CAPTURE = "fp4kv_capture_qk"
+#: The rows after the alphas: centered K, unsmoothed, stored another way.
+REFERENCE_ROWS = ("nvfp4, blocks of 16 tokens", "fp8 per tensor")
 
 
 def capture_queries_and_keys(model, tokenizer, text: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -84,6 +94,20 @@ def nvfp4_round_trip(x: torch.Tensor) -> torch.Tensor:
     return nvfp4_dequantize_reference(packed, scales, g, torch.float32).reshape(x.shape)
 
 
+def token_blocks_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4 round trip of ``x [heads, T, d]`` in blocks of 16 tokens per channel (zero-padded)."""
+    tokens = x.shape[1]
+    by_channel = torch.nn.functional.pad(x.transpose(1, 2), (0, -tokens % 16))
+    return nvfp4_round_trip(by_channel).transpose(1, 2)[:, :tokens]
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP8 round trip of ``x [..., d]`` with ``s = amax / 448`` (reference)."""
+    rows = x.reshape(-1, x.shape[-1])
+    s = rows.abs().amax() / 448
+    return fp8_dequantize_reference(fp8_quantize_reference(rows, s), s, torch.float32).reshape(x.shape)
+
+
 def attention_kl(q: torch.Tensor, k: torch.Tensor, k_hat: torch.Tensor) -> float:
     """Mean over heads and query rows of the causal attention KL of ``k_hat`` vs ``k``."""
     group = q.shape[0] // k.shape[0]
@@ -96,7 +120,8 @@ def attention_kl(q: torch.Tensor, k: torch.Tensor, k_hat: torch.Tensor) -> float
 
 
 def layer_kls(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, alphas: list[float]) -> list[float]:
-    """Attention KL of NVFP4 centered K per ``alpha`` (q scaled by the factors K is divided by)."""
+    """Attention KL of NVFP4 centered K per ``alpha`` (q scaled by the factors K is divided by),
+    then of centered K in NVFP4 blocks of 16 tokens and in FP8 (rows :data:`REFERENCE_ROWS`)."""
     centered = k - offset[:, None, :]
     kls = []
     for alpha in alphas:
@@ -104,6 +129,8 @@ def layer_kls(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, alphas: li
         smoothed = centered / factors[:, None, :]
         queries = q * factors.repeat_interleave(q.shape[0] // k.shape[0], 0)[:, None, :]
         kls.append(attention_kl(queries, smoothed, nvfp4_round_trip(smoothed)))
+    kls.append(attention_kl(q, centered, token_blocks_round_trip(centered)))
+    kls.append(attention_kl(q, centered, fp8_round_trip(centered)))
     return kls
 
 
@@ -117,13 +144,19 @@ def main() -> None:
     parser.add_argument("--out", default="k_smoothing.json")
     args = parser.parse_args()
     alphas = [float(a) for a in args.alphas.split(",")]
+    if alphas[0] != 0:
+        raise SystemExit(
+            f"error: --alphas must start with 0 (the shipped cache, the baseline); got {args.alphas}"
+        )
     scales = load_scales_file(args.scales)
     if any(layer.k_offset is None for layer in scales.layers):
         raise SystemExit(f"error: {args.scales} has layers without k_offset; calibrate with --center-k")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, "bf16")
     scales.check_model(model.config.to_dict())
     if set(getattr(model.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
-        raise SystemExit(f"error: {args.model} has sliding-window layers; this script scores full causal attention")
+        raise SystemExit(
+            f"error: {args.model} has sliding-window layers; this script scores full causal attention"
+        )
     offsets = [torch.tensor(layer.k_offset, device=model.device) for layer in scales.layers]
     test = load_gsm8k("test")[: args.samples]
     prompts = fewshot_prompts(test, load_gsm8k("train"), 5)
@@ -131,30 +164,29 @@ def main() -> None:
     for prompt, row in zip(prompts, test):
         for layer, (q, k) in capture_queries_and_keys(model, tokenizer, f"{prompt} {row['answer']}").items():
             per_layer[layer].append(layer_kls(q, k, offsets[layer], alphas))
-    means = [[statistics.mean(s[i] for s in samples) for i in range(len(alphas))] for samples in per_layer]
+    means = [[statistics.mean(column) for column in zip(*samples)] for samples in per_layer]
     machine = {
         "machine": platform.platform(), "processor": platform.processor(), "device": str(model.device),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }  # fmt: skip
-    table = Table(title=f"NVFP4 centered K, attention KL per layer ({args.samples} GSM8K prompts + answers)")
-    for column in ("alpha", "mean over layers", "mean, layers 1+", "layers below alpha 0", "layer 0"):
+    table = Table(title=f"Centered K, attention KL per layer ({args.samples} GSM8K prompts + answers)")
+    for column in ("K stored as", "mean over layers", "mean, layers 1+", "layers below alpha 0", "layer 0"):
         table.add_column(column, justify="right")
     rows = []
-    for i, alpha in enumerate(alphas):
+    for i, label in enumerate([f"nvfp4, alpha {alpha:g}" for alpha in alphas] + list(REFERENCE_ROWS)):
         column = [m[i] for m in means]
-        below = sum(m[i] < m[0] for m in means) if alphas[0] == 0 else None
         rows.append(
-            {"alpha": alpha, "mean": statistics.mean(column), "mean_layers_1_on": statistics.mean(column[1:]),
-             "layers_below_alpha_0": below, "per_layer": column}
+            {"k_stored_as": label, "mean": statistics.mean(column), "mean_layers_1_on": statistics.mean(column[1:]),
+             "layers_below_alpha_0": sum(m[i] < m[0] for m in means), "per_layer": column}
         )  # fmt: skip
-        cells = (f"{alpha:g}", f"{rows[-1]['mean']:.5f}", f"{rows[-1]['mean_layers_1_on']:.5f}")
-        table.add_row(*cells, "-" if below is None else f"{below}/{len(column)}", f"{column[0]:.5f}")
+        cells = (f"{rows[-1]['mean']:.5f}", f"{rows[-1]['mean_layers_1_on']:.5f}")
+        table.add_row(label, *cells, f"{rows[-1]['layers_below_alpha_0']}/{len(column)}", f"{column[0]:.5f}")
     console = Console()
     console.print(machine)
     console.print(table)
     write_json_atomic(
         args.out,
-        {**machine, "model": args.model, "scales": args.scales, "samples": args.samples, "alphas": rows},
+        {**machine, "model": args.model, "scales": args.scales, "samples": args.samples, "rows": rows},
     )
     print(f"wrote {args.out}")
 
