@@ -47,11 +47,9 @@ class _SharedState:
     """
 
     token_mask: torch.Tensor | None = None
-    #: During a static decode (:meth:`QuantKVCache.begin_static_decode`): ``[1]`` int64 device
-    #: tensor, the position every row writes this step; its owner advances it between steps.
-    static_position: torch.Tensor | None = None
-    #: During a static decode: ``[batch]`` int64 device tensor, each row's slot at
-    #: ``static_position`` (``row * capacity + position``), advanced with it by its owner.
+    #: During a static decode (:meth:`QuantKVCache.begin_static_decode`): ``[batch]`` int64
+    #: device tensor, the slot each row writes this step (``row * capacity + position``); its
+    #: owner advances it between steps.
     static_slots: torch.Tensor | None = None
     _write: tuple[tuple[Any, ...], torch.Tensor] | None = None
     _read: tuple[tuple[Any, ...], torch.Tensor] | None = None
@@ -219,7 +217,7 @@ class QuantKVLayer(CacheLayerMixin):
     @property
     def static(self) -> bool:
         """Whether a static decode is running (see :meth:`QuantKVCache.begin_static_decode`)."""
-        return self.shared.static_position is not None
+        return self.shared.static_slots is not None
 
     @property
     def read_length(self) -> int:
@@ -518,20 +516,19 @@ class QuantKVCache(Cache):
             if predicate is not None:
                 layer.kernel_reads = 0
 
-    def begin_static_decode(self, position: torch.Tensor, slots: torch.Tensor) -> None:
-        """Decode steps from now on write position ``position`` (``[1]`` int64 device tensor) of
-        every row, at ``slots`` (``[batch]`` int64, ``row * capacity + position``), both advanced
-        in place by the caller, and leave reading to the attention kernel over the whole
+    def begin_static_decode(self, slots: torch.Tensor) -> None:
+        """Decode steps from now on write every row's token at ``slots`` (``[batch]`` int64 device
+        tensor, ``row * capacity + position``, advanced in place by the caller between steps),
+        and leave reading to the attention kernel over the whole
         capacity, with no host-side state change per step: what a CUDA graph of the step needs
         (:mod:`fp4kv_cli.evaluate.static_decode`). The buffers must already hold the prompt and
         have room for every position the caller will write."""
-        self.shared.static_position = position
         self.shared.static_slots = slots
 
     def end_static_decode(self, length: int, replayed: bool) -> None:
         """Back to ordinary steps, with ``length`` tokens per row now stored; ``replayed``: the
         steps ran as CUDA graph replays (recorded in :attr:`static_decode`)."""
-        self.shared.static_position = self.shared.static_slots = None
+        self.shared.static_slots = None
         self.static_decode = "graph" if replayed else "static"
         for layer in self.layers:
             layer.length = length

@@ -10,9 +10,11 @@ checkpoint with unchanged kernels.
 Before building that, this script measures what it could gain, at the attention itself: it
 captures every layer's post-RoPE queries and keys on GSM8K test prompts + gold answers (the
 fidelity text), centers K with the scales file's ``k_offset``, smooths it with each ``alpha``
-(``alpha = 0`` is the shipped centered cache), NVFP4-quantizes it through the reference quantizer
-with ``g = amax / (6 * 448)`` of the smoothed keys, and reports per layer the mean over query rows
-and heads of KL(softmax(q.k / sqrt(d)) || softmax(q.k_hat / sqrt(d))) under the causal mask.
+(``alpha = 0``: the shipped centered cache, except that ``g`` is taken from these keys instead of
+the calibrated amax), NVFP4-quantizes it through the reference quantizer with
+``g = amax / (6 * 448)`` of the smoothed keys, and reports per layer the mean over prompts of the
+mean over query rows and heads of KL(softmax(q.k / sqrt(d)) || softmax(q.k_hat / sqrt(d))) under
+the causal mask.
 The smoothing factors and ``g`` come from the same prompts (in-sample: an upper bound on what
 calibrated factors would gain). Two more rows put the figures in scale: NVFP4 blocks of 16
 *tokens* per channel instead of 16 channels per token (KIVI's layout for K, which an engine could
@@ -44,6 +46,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
+from fp4kv_cli.evaluate.runner import load_scales_for
+from fp4kv_cli.model_config import load_config_dict
 from fp4kv_cli.models import load_model_and_tokenizer
 from fp4kv_cli.quant.reference import (
     fp8_dequantize_reference,
@@ -51,7 +55,6 @@ from fp4kv_cli.quant.reference import (
     nvfp4_dequantize_reference,
     nvfp4_quantize_reference,
 )
-from fp4kv_cli.quant.scales import load_scales_file
 
 CAPTURE = "fp4kv_capture_qk"
 #: The rows after the alphas: centered K, unsmoothed, stored another way.
@@ -148,16 +151,15 @@ def main() -> None:
         raise SystemExit(
             f"error: --alphas must start with 0 (the shipped cache, the baseline); got {args.alphas}"
         )
-    scales = load_scales_file(args.scales)
-    if any(layer.k_offset is None for layer in scales.layers):
-        raise SystemExit(f"error: {args.scales} has layers without k_offset; calibrate with --center-k")
+    offsets = load_scales_for(load_config_dict(args.model), args.scales)[1]
+    if offsets is None:
+        raise SystemExit(f"error: {args.scales} has no k_offset; calibrate with fp4kv calibrate --center-k")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, "bf16")
-    scales.check_model(model.config.to_dict())
     if set(getattr(model.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         raise SystemExit(
             f"error: {args.model} has sliding-window layers; this script scores full causal attention"
         )
-    offsets = [torch.tensor(layer.k_offset, device=model.device) for layer in scales.layers]
+    offsets = offsets.to(model.device)
     test = load_gsm8k("test")[: args.samples]
     prompts = fewshot_prompts(test, load_gsm8k("train"), 5)
     per_layer: list[list[list[float]]] = [[] for _ in offsets]  # [layer][sample][alpha]

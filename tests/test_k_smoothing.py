@@ -43,4 +43,4 @@ def test_alpha_zero_is_the_plain_centered_cache(tiny_qwen2_dir: Path) -> None:
     assert kls[0] == plain and plain > 0 and kls[1] != plain
     by_tokens = smoothing.token_blocks_round_trip(centered)
     assert by_tokens.shape == centered.shape and kls[2] == smoothing.attention_kl(q, centered, by_tokens)
-    assert 0 < kls[3] < plain  # fp8 keeps more of the keys than any 4-bit layout
+    assert 0 < kls[3] < plain  # fp8 keeps more of the keys than nvfp4

@@ -61,7 +61,8 @@ def test_bad_scales_file_errors(
         load_scales_for(load_config_dict(str(tiny_llama_dir)), path)
     assert message in str(raised.value)
     result = CliRunner().invoke(
-        app, ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--scales", path, "--out", str(tmp_path / "out")]
+        app,
+        ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--scales", path, "--out", str(tmp_path / "out")],
     )
     assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], result.output
 
@@ -75,7 +76,9 @@ def test_bench_decode_builds_caches_with_the_eval_scales(
     assert isinstance(make_cache("dynamic", 8), DynamicCache)
     for variant in ("nvfp4", "nvfp4-gather", "nvfp4-graph"):
         layer = make_cache(variant, 8).layers[1]
-        assert float(layer.k_scale) == pytest.approx(4 / 2688) and float(layer.v_scale) == pytest.approx(2 / 2688)
+        assert float(layer.k_scale) == pytest.approx(4 / 2688) and float(layer.v_scale) == pytest.approx(
+            2 / 2688
+        )
         assert torch.equal(layer.k_offset, torch.tensor(OFFSET))
     assert make_cache("bf16", 8).layers[0].k_offset is None
     unscaled = bench_decode.cache_maker(model, str(tiny_llama_dir), ["nvfp4"], torch.float32, None)

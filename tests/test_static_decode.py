@@ -64,7 +64,7 @@ def check_static_equals_generate(folder: Path, fmt: str, device: str) -> None:
     assert max(compared) == NEW_TOKENS  # at least one row is compared over the whole budget
     assert fused_attention.decode_read(static) == ("graph" if device == "cuda" else "static")
     assert all(layer.length == ids.shape[1] + NEW_TOKENS - 1 for layer in static.layers)
-    assert static.shared.static_position is None
+    assert static.shared.static_slots is None
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "nvfp4"])

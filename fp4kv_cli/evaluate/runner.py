@@ -274,15 +274,16 @@ def _config_record(settings: EvalSettings) -> dict[str, Any]:
 
 def load_scales_for(config: Mapping[str, Any], scales_path: str) -> tuple[ScalesFile, torch.Tensor | None]:
     """The scales file at ``scales_path``, checked against the model's ``config`` dict, and its K
-    centering offsets (:func:`k_offsets_for`), as ``fp4kv eval gsm8k`` loads them."""
+    centering offsets ``[layers, kv_heads, head_dim]`` if it has any, as ``fp4kv eval gsm8k``
+    loads them."""
     scales_file = load_scales_file(scales_path)
     scales_file.check_model(config)
-    return scales_file, k_offsets_for(scales_file, KVShape.from_config(config))
+    return scales_file, _k_offsets(scales_file, KVShape.from_config(config))
 
 
-def k_offsets_for(scales_file: ScalesFile | None, shape: KVShape) -> torch.Tensor | None:
+def _k_offsets(scales_file: ScalesFile, shape: KVShape) -> torch.Tensor | None:
     """Per-layer K centering offsets ``[layers, kv_heads, head_dim]`` from the scales file, if any."""
-    tensor = None if scales_file is None else KVCacheMethod.load_k_offsets(scales_file)
+    tensor = KVCacheMethod.load_k_offsets(scales_file)
     if tensor is None:
         return None
     expected = (shape.num_layers, shape.num_kv_heads, shape.head_dim)
@@ -307,7 +308,7 @@ def cache_factory(
 
     Scales are calibrated from ``scales_file`` where given (dynamic otherwise), ``recipe`` runs the
     file's per-layer formats, and every format but the reference stores K minus ``k_offsets``
-    (from :func:`k_offsets_for`). Scales and offsets move to ``device`` once, here.
+    (from :func:`load_scales_for`). Scales and offsets move to ``device`` once, here.
     """
     methods = _methods(kv_dtypes, dtype)
     scales = {kv: _scales(method, scales_file, device) for kv, method in methods.items()}

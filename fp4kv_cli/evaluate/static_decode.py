@@ -111,7 +111,7 @@ def greedy_static(
                         logits_to_keep=1, **argument).logits  # fmt: skip
             state.advance(out[:, -1].argmax(-1))
 
-        cache.begin_static_decode(state.cache_position, state.slots)
+        cache.begin_static_decode(state.slots)
         done = 1
         try:
             done = _run_steps(
