@@ -11,7 +11,7 @@ Before building that, this script measures what it could gain, at the attention 
 captures every layer's post-RoPE queries and keys on GSM8K test prompts + gold answers (the
 fidelity text), centers K with the scales file's ``k_offset``, smooths it with each ``alpha``
 (``alpha = 0``: the shipped centered cache, except that ``g`` is taken from these keys instead of
-the calibrated amax), NVFP4-quantizes it through the reference quantizer with
+the calibrated amax), stores it through the quant core's NVFP4 method (:func:`round_trip`) with
 ``g = amax / (6 * 448)`` of the smoothed keys, and reports per layer the mean over prompts of the
 mean over query rows and heads of KL(softmax(q.k / sqrt(d)) || softmax(q.k_hat / sqrt(d))) under
 the causal mask.
@@ -43,22 +43,21 @@ from rich.table import Table
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from fp4kv_cli.analysis.decompose import dynamic_scale
+from fp4kv_cli.analysis.round_trip import round_trip
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.evaluate.gsm8k import fewshot_prompts
 from fp4kv_cli.evaluate.runner import load_scales_for
 from fp4kv_cli.model_config import load_config_dict
 from fp4kv_cli.models import load_model_and_tokenizer
-from fp4kv_cli.quant.reference import (
-    fp8_dequantize_reference,
-    fp8_quantize_reference,
-    nvfp4_dequantize_reference,
-    nvfp4_quantize_reference,
-)
+from fp4kv_cli.quant.methods import KVCacheMethod
+from fp4kv_cli.quant.registry import get_kv_cache_method
 
 CAPTURE = "fp4kv_capture_qk"
 #: The rows after the alphas: centered K, unsmoothed, stored another way.
 REFERENCE_ROWS = ("nvfp4, blocks of 16 tokens", "fp8 per tensor")
+NVFP4, FP8 = get_kv_cache_method("nvfp4"), get_kv_cache_method("fp8")
 
 
 def capture_queries_and_keys(model, tokenizer, text: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -89,26 +88,17 @@ def pair_factors(centered: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.cat([pair, pair], dim=1)
 
 
-def nvfp4_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """NVFP4 quantize-dequantize of ``x [..., d]`` with ``g = amax / (6 * 448)`` (reference)."""
-    rows = x.reshape(-1, x.shape[-1])
-    g = rows.abs().amax() / (6 * 448)
-    packed, scales = nvfp4_quantize_reference(rows, g)
-    return nvfp4_dequantize_reference(packed, scales, g, torch.float32).reshape(x.shape)
+def stored(method: KVCacheMethod, x: torch.Tensor) -> torch.Tensor:
+    """``x [heads, T, d]`` written through ``method`` with its scale from ``x``'s own amax, read back."""
+    rows = x.transpose(0, 1)
+    return round_trip(method, rows, dynamic_scale(method, rows)).transpose(0, 1)
 
 
-def token_blocks_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """NVFP4 round trip of ``x [heads, T, d]`` in blocks of 16 tokens per channel (zero-padded)."""
+def token_blocks_stored(method: KVCacheMethod, x: torch.Tensor) -> torch.Tensor:
+    """Like :func:`stored`, with ``method``'s blocks along 16 tokens per channel (zero-padded)."""
     tokens = x.shape[1]
-    by_channel = torch.nn.functional.pad(x.transpose(1, 2), (0, -tokens % 16))
-    return nvfp4_round_trip(by_channel).transpose(1, 2)[:, :tokens]
-
-
-def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor FP8 round trip of ``x [..., d]`` with ``s = amax / 448`` (reference)."""
-    rows = x.reshape(-1, x.shape[-1])
-    s = rows.abs().amax() / 448
-    return fp8_dequantize_reference(fp8_quantize_reference(rows, s), s, torch.float32).reshape(x.shape)
+    by_channel = torch.nn.functional.pad(x.transpose(1, 2), (0, -tokens % 16))  # [heads, d, T']
+    return stored(method, by_channel.transpose(0, 1)).transpose(0, 1).transpose(1, 2)[:, :tokens]
 
 
 def attention_kl(q: torch.Tensor, k: torch.Tensor, k_hat: torch.Tensor) -> float:
@@ -131,9 +121,9 @@ def layer_kls(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, alphas: li
         factors = pair_factors(centered, alpha)
         smoothed = centered / factors[:, None, :]
         queries = q * factors.repeat_interleave(q.shape[0] // k.shape[0], 0)[:, None, :]
-        kls.append(attention_kl(queries, smoothed, nvfp4_round_trip(smoothed)))
-    kls.append(attention_kl(q, centered, token_blocks_round_trip(centered)))
-    kls.append(attention_kl(q, centered, fp8_round_trip(centered)))
+        kls.append(attention_kl(queries, smoothed, stored(NVFP4, smoothed)))
+    kls.append(attention_kl(q, centered, token_blocks_stored(NVFP4, centered)))
+    kls.append(attention_kl(q, centered, stored(FP8, centered)))
     return kls
 
 

@@ -37,10 +37,10 @@ def test_alpha_zero_is_the_plain_centered_cache(tiny_qwen2_dir: Path) -> None:
     assert q.shape[0] == model.config.num_attention_heads and k.shape[0] == model.config.num_key_value_heads
     offset = k.mean(dim=1)
     centered = k - offset[:, None, :]
-    plain = smoothing.attention_kl(q, centered, smoothing.nvfp4_round_trip(centered))
+    plain = smoothing.attention_kl(q, centered, smoothing.stored(smoothing.NVFP4, centered))
     kls = smoothing.layer_kls(q, k, offset, [0.0, 0.5])
     assert len(kls) == 2 + len(smoothing.REFERENCE_ROWS)
     assert kls[0] == plain and plain > 0 and kls[1] != plain
-    by_tokens = smoothing.token_blocks_round_trip(centered)
+    by_tokens = smoothing.token_blocks_stored(smoothing.NVFP4, centered)
     assert by_tokens.shape == centered.shape and kls[2] == smoothing.attention_kl(q, centered, by_tokens)
     assert 0 < kls[3] < plain  # fp8 keeps more of the keys than nvfp4
