@@ -45,31 +45,58 @@ def decode_kernels() -> ModuleType | None:
     return decode_attention
 
 
+def fused_decode_refusal(model: Any, cache: Any, device: torch.device | None = None) -> str | None:
+    """Why :func:`fused_decode` leaves ``model``'s decode steps through ``cache`` on the gather
+    read, or None where it switches them to the kernel: it needs a :class:`QuantKVCache`, Triton,
+    ``model`` running SDPA attention without logit softcapping, on CUDA (or Triton interpreted).
+    ``device`` judges for another device than the model's (e.g. CUDA from a CPU test). Which
+    layers the kernel then reads is :func:`fusable`'s call."""
+    kernels = decode_kernels()
+    implementation = model.config._attn_implementation
+    device = device if device is not None else next(model.parameters()).device
+    if not isinstance(cache, QuantKVCache):
+        return f"the cache is a {type(cache).__name__}, not fp4kv's QuantKVCache"
+    if kernels is None:
+        return "Triton cannot be imported"
+    if implementation != "sdpa":
+        return f"the model runs {implementation} attention; the kernel stands in for SDPA only"
+    if getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None):
+        return "the model softcaps attention logits, which the kernel does not"
+    if device.type != "cuda" and not kernels.INTERPRETED:
+        return f"the model is on {device.type}, the kernel runs on CUDA"
+    return None
+
+
 def fused_decode_supported(model: Any, cache: Any) -> bool:
     """Whether :func:`fused_decode` switches ``model``'s decode steps through ``cache`` to the
-    kernel: a :class:`QuantKVCache`, Triton importable, ``model`` running SDPA attention, on CUDA
-    (or with Triton interpreted). Which layers the kernel then reads is :func:`fusable`'s call."""
-    kernels = decode_kernels()
-    return (
-        isinstance(cache, QuantKVCache)
-        and kernels is not None
-        and model.config._attn_implementation == "sdpa"
-        and (next(model.parameters()).device.type == "cuda" or kernels.INTERPRETED)
-    )
+    kernel (:func:`fused_decode_refusal` finds no reason not to)."""
+    return fused_decode_refusal(model, cache) is None
+
+
+def every_layer_refusal(model: Any, cache: Any, device: torch.device | None = None) -> str | None:
+    """Why the kernel will not read every layer of ``cache`` under :func:`fused_decode` (the
+    model-level :func:`fused_decode_refusal`, or a layer whose formats, buffer dtypes or head_dim
+    it cannot read, foreseen from ``model``'s dtype, device and head_dim and each layer's K and V
+    methods), or None where it reads them all."""
+    refusal = fused_decode_refusal(model, cache, device)
+    if refusal is not None:
+        return refusal
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, device if device is not None else parameter.device
+    for index, layer in enumerate(cache.layers):
+        formats = [(method, getattr(method, "dtype", dtype)) for method in (layer.k_method, layer.v_method)]
+        if not _reads(formats, dtype, head_dim, device):
+            names = "/".join(method.name for method, _ in formats)
+            return f"the kernel cannot read layer {index} ({names}, {dtype}, head_dim {head_dim})"
+    return None
 
 
 def fuses_every_layer(model: Any, cache: Any) -> bool:
     """Whether :func:`fused_decode_supported` holds and the kernel will read every layer of
-    ``cache``, as :func:`fusable` finds once the buffers exist: foreseen from ``model``'s dtype,
-    device and head_dim and the buffer dtype of each layer's K and V methods."""
-    if not fused_decode_supported(model, cache):
-        return False
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    parameter = next(model.parameters())
-    dtype, device = parameter.dtype, parameter.device
-    methods = [method for layer in cache.layers for method in (layer.k_method, layer.v_method)]
-    return _reads([(method, getattr(method, "dtype", dtype)) for method in methods], dtype, head_dim, device)
+    ``cache`` (:func:`every_layer_refusal` finds no reason not to)."""
+    return every_layer_refusal(model, cache) is None
 
 
 def fusable(layer: QuantKVLayer) -> bool:
@@ -195,9 +222,11 @@ __all__ = [
     "ATTENTION_NAME",
     "decode_kernels",
     "decode_read",
+    "every_layer_refusal",
     "fp4kv_attention",
     "fusable",
     "fused_decode",
+    "fused_decode_refusal",
     "fused_decode_supported",
     "fuses_every_layer",
     "layer_attention",

@@ -31,19 +31,47 @@ from fp4kv_cli.models import cache_argument
 CHECK_EVERY = 16
 
 
-def static_decode_supported(model: Any, cache: Any) -> bool:
-    """Whether :func:`greedy_static` can run ``model`` with ``cache``: the decode-attention kernel
-    reads every layer (:func:`~fp4kv_cli.fused_attention.fuses_every_layer`), every layer uses
-    full attention (the static mask has no sliding window) and the rotary frequencies do not
-    follow the length."""
-    if not fused_attention.fuses_every_layer(model, cache):
-        return False
+def static_decode_refusal(model: Any, cache: Any, device: torch.device | None = None) -> str | None:
+    """Why :func:`greedy_static` cannot run ``model`` with ``cache``, or None where it can: the
+    decode-attention kernel must read every layer
+    (:func:`~fp4kv_cli.fused_attention.every_layer_refusal`), every layer must use full attention
+    (the static mask has no sliding window) and the rotary frequencies must not follow the length.
+    ``device`` judges for another device than the model's."""
+    refusal = fused_attention.every_layer_refusal(model, cache, device)
+    if refusal is not None:
+        return refusal
     text = model.config.get_text_config(decoder=True)
-    if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
-        return False
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is None:  # no per-layer types (Mistral): one sliding window for every layer, if set
+        window = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+        layer_types = ["sliding_attention" if window else "full_attention"]
+    if set(layer_types) != {"full_attention"}:
+        return "the model has sliding-window layers, which the static-shape mask does not window"
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     rope_type = str(rope.get("rope_type", rope.get("type", "default")))
-    return "dynamic" not in rope_type and rope_type != "longrope"  # frequencies follow the length: host syncs
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return f"{rope_type} RoPE frequencies follow the length (a host sync every step)"
+    return None
+
+
+def static_decode_supported(model: Any, cache: Any) -> bool:
+    """Whether :func:`greedy_static` can run ``model`` with ``cache`` (:func:`static_decode_refusal`
+    finds no reason not to)."""
+    return static_decode_refusal(model, cache) is None
+
+
+def decode_path(model: Any, cache: Any, device: torch.device | None = None) -> tuple[str, str]:
+    """The decode read ``--decode-attention graph`` takes for ``model`` with ``cache`` (``graph``,
+    ``fused`` or ``gather``; ``fused`` may still leave single layers on the gather read, see
+    :func:`~fp4kv_cli.fused_attention.decode_read`) and why; ``device`` as in
+    :func:`static_decode_refusal`."""
+    refusal = fused_attention.fused_decode_refusal(model, cache, device)
+    if refusal is not None:
+        return "gather", refusal
+    refusal = static_decode_refusal(model, cache, device)
+    if refusal is not None:
+        return "fused", refusal
+    return "graph", "static-shape steps through the kernel, replayed as CUDA graphs"
 
 
 def greedy_static(
