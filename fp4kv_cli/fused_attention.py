@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fp4kv_cli.cache import QuantKVCache, QuantKVLayer
+from fp4kv_cli.models import input_device, placed_devices
 from fp4kv_cli.quant.methods import KVCacheMethod
 
 #: The attention implementation name registered with transformers.
@@ -53,7 +54,7 @@ def fused_decode_refusal(model: Any, cache: Any, device: torch.device | None = N
     layers the kernel then reads is :func:`fusable`'s call."""
     kernels = decode_kernels()
     implementation = model.config._attn_implementation
-    device = device if device is not None else next(model.parameters()).device
+    device = device if device is not None else input_device(model)
     if not isinstance(cache, QuantKVCache):
         return f"the cache is a {type(cache).__name__}, not fp4kv's QuantKVCache"
     if kernels is None:
@@ -62,6 +63,9 @@ def fused_decode_refusal(model: Any, cache: Any, device: torch.device | None = N
         return f"the model runs {implementation} attention; the kernel stands in for SDPA only"
     if getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None):
         return "the model softcaps attention logits, which the kernel does not"
+    placed = placed_devices(model)
+    if len(placed) > 1:
+        return f"the model is placed on {', '.join(placed)}; the kernel reads a model on one device"
     if device.type != "cuda" and not kernels.INTERPRETED:
         return f"the model is on {device.type}, the kernel runs on CUDA"
     return None
@@ -84,7 +88,7 @@ def every_layer_refusal(model: Any, cache: Any, device: torch.device | None = No
     text = model.config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     parameter = next(model.parameters())
-    dtype, device = parameter.dtype, device if device is not None else parameter.device
+    dtype, device = parameter.dtype, device if device is not None else input_device(model)
     for index, layer in enumerate(cache.layers):
         formats = [(method, getattr(method, "dtype", dtype)) for method in (layer.k_method, layer.v_method)]
         if not _reads(formats, dtype, head_dim, device):

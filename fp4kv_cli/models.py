@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import inspect
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,8 @@ from fp4kv_cli.errors import FP4KVError
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 DEVICES = ("auto", "cpu", "cuda")
+#: accelerate's placement strategies that ``--device-map`` accepts.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +46,41 @@ def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
         raise FP4KVError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}") from None
 
 
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """accelerate's ``max_memory`` from ``"0=20GiB,1=20GiB,cpu=64GiB"`` (GPU index or ``cpu`` =
+    a size accelerate reads: ``20GiB``, ``500MB``, ...); None for None or an empty string."""
+    if not text:
+        return None
+    limits: dict[int | str, str] = {}
+    for part in text.split(","):
+        where, _, size = part.strip().partition("=")
+        where, size = where.strip(), size.strip()
+        if not size or not (where.isdigit() or where in ("cpu", "mps", "disk")):
+            raise FP4KVError(
+                f"--max-memory entry {part.strip()!r} is not DEVICE=SIZE; write e.g. 0=20GiB,cpu=64GiB"
+            )
+        limits[int(where) if where.isdigit() else where] = size
+    return limits
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a forward's inputs go: the device of the input embeddings' execution (accelerate
+    moves activations between the devices of a placed model itself); offloaded weights run on CPU."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        return torch.device("cpu" if first in ("disk", "cpu") else first if isinstance(first, str) else f"cuda:{first}")
+    return next(model.parameters()).device
+
+
+def placed_devices(model: torch.nn.Module) -> list[str]:
+    """The distinct devices accelerate placed ``model`` on, in order (``disk`` included); one
+    entry for a model on a single device."""
+    device_map = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+    names = [v if isinstance(v, str) else f"cuda:{v}" for v in device_map.values()]
+    return list(dict.fromkeys(names))
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """Name of the KV cache argument of ``model.forward``: ``"cache"`` (transformers >= 5.2x)
     or ``"past_key_values"`` (earlier)."""
@@ -48,7 +89,11 @@ def cache_argument(model: torch.nn.Module) -> str:
 
 
 def load_model_and_tokenizer(
-    model: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+    model: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | None = None,
+    max_memory: str | dict[int | str, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load a decoder LLM and its tokenizer, ready for batched left-padded forwards.
 
@@ -61,11 +106,18 @@ def load_model_and_tokenizer(
         ``"auto"`` / ``"cpu"`` / ``"cuda"`` or a ``torch.device``.
     dtype
         ``"auto"`` / ``"bf16"`` / ``"fp16"`` / ``"fp32"`` or a ``torch.dtype``.
+    device_map
+        None: the whole model on ``device``. ``"auto"`` / ``"balanced"`` / ``"balanced_low_0"`` /
+        ``"sequential"``: accelerate places the layers over the GPUs (and CPU, then disk, when
+        they do not fit ``max_memory``); ``device`` is then unused.
+    max_memory
+        accelerate's per-device limits with a ``device_map``: a dict, or text for
+        :func:`parse_max_memory`.
 
     Returns
     -------
     (model, tokenizer)
-        The model in eval mode on ``device``; the tokenizer with a pad token (eos if it had
+        The model in eval mode on ``device`` (or placed by accelerate, see :func:`input_device`); the tokenizer with a pad token (eos if it had
         none) and ``padding_side="left"``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,6 +125,7 @@ def load_model_and_tokenizer(
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
+    placement = _placement(device_map, max_memory)
     location, kwargs = _locate(model)
     config = _load_config(model, location, kwargs)
     _check_decoder(model, config)
@@ -80,13 +133,15 @@ def load_model_and_tokenizer(
     hf_logging.disable_progress_bar()  # callers show their own progress; tqdm bars would interleave
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **placement)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; check the files") from None
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    loaded.to(device).eval()
+    if not placement:
+        loaded.to(device)
+    loaded.eval()
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise FP4KVError(
@@ -120,6 +175,30 @@ def convert_gguf_to_folder(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+def _placement(device_map: str | None, max_memory: str | dict[int | str, str] | None) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that let accelerate place the model (empty without a device map)."""
+    if device_map is None:
+        if max_memory:
+            raise FP4KVError("--max-memory needs --device-map; add --device-map auto (or balanced, sequential)")
+        return {}
+    if device_map not in DEVICE_MAPS:
+        raise FP4KVError(f"unknown --device-map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise FP4KVError("--device-map needs accelerate; pip install accelerate")
+    limits = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    return {"device_map": device_map, "max_memory": limits, "offload_folder": _offload_folder()}
+
+
+@functools.cache
+def _offload_folder() -> str:
+    """One temporary folder per process for weights accelerate offloads to disk, removed at exit."""
+    folder = tempfile.mkdtemp(prefix="fp4kv-offload-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _locate(model: str) -> tuple[str, dict[str, Any]]:

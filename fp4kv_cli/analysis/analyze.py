@@ -49,6 +49,7 @@ from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import (
     DTYPE_NAMES,
     cache_argument,
+    input_device,
     load_model_and_tokenizer,
     parse_dtype,
     resolve_device,
@@ -78,6 +79,8 @@ class AnalyzeSettings:
     per_head: bool = True
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None
+    max_memory: str | None = None
     out: str = "analysis"
     write_recipe: str | None = None
 
@@ -96,8 +99,11 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
     scales_file, offsets, shape = _check(settings)
     device = resolve_device(settings.device)
     dtype = parse_dtype(settings.dtype, device)
-    with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {device})"):
-        model, tokenizer = load_model_and_tokenizer(settings.model, device, dtype)
+    with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {settings.device_map or device})"):
+        model, tokenizer = load_model_and_tokenizer(
+            settings.model, device, dtype, settings.device_map, settings.max_memory
+        )
+    device = input_device(model)
     samples = teacher_forced_samples(tokenizer, settings.samples, NUM_FEWSHOT)
     offsets = None if offsets is None else offsets.to(device)
     base = kv_method(settings.format, dtype)
@@ -222,7 +228,7 @@ def _post_rope_keys(model: Any, samples: Sequence[tuple[list[int], list[int]]]) 
     """Per layer, the post-RoPE K ``[tokens, heads, head_dim]`` float32 (CPU) of every sample,
     read from an unquantized float32 cache after one forward of prompt + answer."""
     argument = cache_argument(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     per_layer: list[list[torch.Tensor]] = []
     for prompt_ids, answer_ids in samples:
         ids = torch.tensor([list(prompt_ids) + list(answer_ids)], dtype=torch.long, device=device)

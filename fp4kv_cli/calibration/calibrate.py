@@ -19,7 +19,7 @@ from fp4kv_cli.calibration.capture import (
 )
 from fp4kv_cli.calibration.stats import KVStatistics, LayerSummary, RealTokens
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.models import DTYPE_NAMES
+from fp4kv_cli.models import DTYPE_NAMES, input_device
 from fp4kv_cli.quant.scales import SCALES_SCHEMA, SCALES_VERSION, config_hash
 
 #: Entries of ``k_top_channels`` per layer.
@@ -90,7 +90,7 @@ def calibrate(
     total_tokens = sum(len(ids) for ids in sequences)
     if total_tokens == 0:
         raise FP4KVError("the calibration texts tokenize to no tokens; pass other data")
-    device = next(model.parameters()).device
+    device = input_device(model)
     stats = KVStatistics(total_tokens=total_tokens, sample_size=sample_size, seed=seed)
     cache = None
     for batch in make_batches(sequences, batch_size, tokenizer.pad_token_id):

@@ -151,6 +151,8 @@ class KVStatistics:
         """Take one layer's cache write, K (after RoPE) and V ``[batch, kv_heads, seq, head_dim]``."""
         if self.tokens is None:
             raise RuntimeError("start_batch must be called before the forward")
+        capture = self.tokens.flat.device  # a model placed across devices writes from each layer's own
+        key_states, value_states = key_states.to(capture), value_states.to(capture)
         if self.eager is None:
             self.eager = key_states.device.type == "cpu"
         if self.eager:

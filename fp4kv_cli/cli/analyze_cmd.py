@@ -12,9 +12,11 @@ from fp4kv_cli.analysis.analyze import ANALYSIS_JSON, HEATMAP_PNG, AnalyzeSettin
 from fp4kv_cli.cli.app import (
     WRITE_RECIPE_HELP,
     BudgetOption,
+    DeviceMapOption,
     DeviceOption,
     DtypeOption,
     KlBudgetOption,
+    MaxMemoryOption,
     app,
     console,
     err_console,
@@ -43,6 +45,8 @@ def analyze(
     ] = True,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     out: Annotated[
         str, typer.Option("--out", help="Folder for analysis.json and the heat map.")
     ] = "analysis",
@@ -60,6 +64,8 @@ def analyze(
         per_head=per_head,
         device=device,
         dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
         out=out,
         write_recipe=write_recipe,
     )

@@ -25,6 +25,19 @@ app.add_typer(bench_app, name="bench")
 #: ``--device`` / ``--dtype`` of the commands that load a model to run it.
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="Model dtype: auto, bf16, fp16, fp32.")]
+#: ``--device-map`` / ``--max-memory``: accelerate places a model too large for one device.
+DeviceMapOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="auto, balanced, balanced_low_0 or sequential: accelerate places the layers over the GPUs "
+        "(then CPU, then disk, past --max-memory); --device is then unused. Default: all on --device.",
+    ),
+]
+MaxMemoryOption = Annotated[
+    str | None,
+    typer.Option("--max-memory", help="Per-device limits for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB."),
+]
 
 #: ``--budget`` / ``--kl-budget`` / ``--write-recipe`` of the commands that choose a mixed recipe.
 BudgetOption = Annotated[

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.calibration import calibrate
-from fp4kv_cli.cli.app import app, console, guarded
+from fp4kv_cli.cli.app import DeviceMapOption, MaxMemoryOption, app, console, guarded
 from fp4kv_cli.data import DEFAULT_DATASET, load_texts
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.models import load_model_and_tokenizer
@@ -51,6 +51,8 @@ def calibrate_command(
     seq_len: Annotated[int, typer.Option(help="Tokens kept per text (longer ones are truncated).")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     dtype: Annotated[
         str, typer.Option(help="Model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32.")
     ] = "auto",
@@ -73,7 +75,9 @@ def calibrate_command(
     texts = load_texts(dataset, split, text_field, num_samples)
     note = " (dequantizing the GGUF: about a minute per billion weights)" if model.endswith(".gguf") else ""
     with console.status(f"loading {model}{note}"):
-        loaded, tokenizer = load_model_and_tokenizer(model, device=device, dtype=dtype)
+        loaded, tokenizer = load_model_and_tokenizer(
+            model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory
+        )
     with Progress(
         TextColumn("calibrating"),
         BarColumn(),

@@ -8,7 +8,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fp4kv_cli.cli.app import DeviceOption, DtypeOption, console, err_console, eval_app, guarded
+from fp4kv_cli.cli.app import (
+    DeviceMapOption,
+    DeviceOption,
+    DtypeOption,
+    MaxMemoryOption,
+    console,
+    err_console,
+    eval_app,
+    guarded,
+)
 from fp4kv_cli.evaluate.runner import EvalSettings, parse_kv_dtypes, run_gsm8k
 
 #: Width of the results table when output is not a terminal (logs, CI), so it is not wrapped.
@@ -53,6 +62,8 @@ def gsm8k(
     ] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     fidelity: Annotated[
         bool, typer.Option("--fidelity/--no-fidelity", help="Teacher-forced KL / top-1 / K,V error vs bf16.")
     ] = True,
@@ -90,6 +101,8 @@ def gsm8k(
         data=data,
         device=device,
         dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
         fidelity=fidelity,
         fidelity_samples=fidelity_samples,
         out=out,

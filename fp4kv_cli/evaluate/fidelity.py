@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fp4kv_cli.cache import QuantKVCache
-from fp4kv_cli.models import cache_argument
+from fp4kv_cli.models import cache_argument, input_device
 
 #: Answer tokens per teacher-forced forward after the prompt prefill.
 ANSWER_CHUNK = 16
@@ -47,7 +47,7 @@ def teacher_forced_logits(
     model: Any, prompt_ids: Sequence[int], answer_ids: Sequence[int], cache: QuantKVCache
 ) -> torch.Tensor:
     """Logits ``[len(answer_ids), vocab]`` float32 at the positions predicting each answer token."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     argument = cache_argument(model)
     ids = torch.tensor([list(prompt_ids) + list(answer_ids)], dtype=torch.long, device=device)
     prompt_len, total = len(prompt_ids), ids.shape[1]

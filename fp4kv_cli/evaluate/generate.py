@@ -20,7 +20,7 @@ from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.evaluate.gsm8k import cut_at_stop
 from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
-from fp4kv_cli.models import cache_argument
+from fp4kv_cli.models import cache_argument, input_device
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def generate_batch(
     (:func:`fp4kv_cli.fused_attention.fused_decode`), else ``gather``; ``gather`` — the prefix is
     read back as dequantized tensors and SDPA runs.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     if decode == "graph" and static_decode_supported(model, cache):
         row_stops = RowStops(input_ids, config.eos_token_id or [], tokenizer, config.stop_strings)

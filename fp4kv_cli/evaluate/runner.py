@@ -38,9 +38,17 @@ from fp4kv_cli.evaluate.results import (
     save_fidelity,
     write_summary,
 )
+from fp4kv_cli.evaluate.static_decode import decode_path
 from fp4kv_cli.fused_attention import decode_read
 from fp4kv_cli.model_config import KVShape, load_config_dict
-from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
+from fp4kv_cli.models import (
+    DTYPE_NAMES,
+    input_device,
+    load_model_and_tokenizer,
+    parse_dtype,
+    placed_devices,
+    resolve_device,
+)
 from fp4kv_cli.progress import count_progress
 from fp4kv_cli.quant.backend import get_backend
 from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod, LayerScales
@@ -132,6 +140,8 @@ class EvalSettings:
     data: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None
+    max_memory: str | None = None
     fidelity: bool = True
     fidelity_samples: int = 8
     out: str = "results"
@@ -177,8 +187,13 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     plan = _plan(settings)
     device = resolve_device(settings.device)
     dtype = parse_dtype(settings.dtype, device)
-    with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {device})"):
-        model, tokenizer = load_model_and_tokenizer(settings.model, device, dtype)
+    where = settings.device_map or device
+    with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {where})"):
+        model, tokenizer = load_model_and_tokenizer(
+            settings.model, device, dtype, settings.device_map, settings.max_memory
+        )
+    device = input_device(model)
+    console.print(f"placed on {', '.join(placed_devices(model))}", highlight=False)
     if settings.chat and not getattr(tokenizer, "chat_template", None):
         raise FP4KVError(f"{settings.model} has no chat template; drop --chat to use the few-shot prompt")
     neutral_generation_defaults(model)
@@ -187,6 +202,11 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     make_cache = cache_factory(
         model.config, settings.kv_dtypes, plan.scales_file, plan.k_offsets, dtype, device
     )
+    if settings.decode_attention != "gather":
+        for kv in settings.kv_dtypes:
+            path, reason = decode_path(model, make_cache(kv, 1))
+            if path != settings.decode_attention:
+                console.print(f"{kv}: decode read {path}, not {settings.decode_attention}: {reason}", highlight=False)
     fidelity: dict[str, Fidelity] = {}
     if settings.fidelity:
         count = min(settings.fidelity_samples, len(plan.questions))
@@ -409,7 +429,7 @@ def _run_batch(
     stops: Sequence[str],
     decode: str,
 ) -> tuple[list[Continuation], dict[str, Any]]:
-    cuda = next(model.parameters()).device.type == "cuda"
+    cuda = input_device(model).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
