@@ -134,6 +134,8 @@ def load_model_and_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **placement)
+    except ImportError as err:  # a quantized checkpoint whose library is missing (compressed-tensors, ...)
+        raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; install the package it names") from None
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; check the files") from None
     finally:
