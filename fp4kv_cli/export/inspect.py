@@ -185,6 +185,12 @@ def _declares_kv(ckpt: Checkpoint) -> bool:
     return bool(hf.get("kv_cache_quant_algo") or qc.get("kv_cache_scheme") or qc.get("kv_cache_quant_algo"))
 
 
+def _modelopt_without_algo(ckpt: Checkpoint) -> bool:
+    """ModelOpt metadata only in hf_quant_config.json, with no weight algorithm (engines skip it)."""
+    hf = (ckpt.hf_quant_config or {}).get("quantization") or {}
+    return ckpt.hf_quant_config is not None and ckpt.quantization_config is None and not hf.get("quant_algo")
+
+
 def _checkpoint_hazards(ckpt: Checkpoint, layers: list[dict[str, Any]]) -> list[str]:
     hazards = []
     have = [row for row in layers if row["k_scale"] is not None or row["v_scale"] is not None]
@@ -194,7 +200,13 @@ def _checkpoint_hazards(ckpt: Checkpoint, layers: list[dict[str, Any]]) -> list[
     elif not _declares_kv(ckpt):
         hazards.append(
             "KV scale tensors but no KV quantization config (kv_cache_quant_algo / kv_cache_scheme): "
-            "SGLang and vLLM attach no KV scale loader and use 1.0"
+            "SGLang attaches no KV scale loader and uses 1.0; vLLM refuses to load the checkpoint"
+        )
+    elif _modelopt_without_algo(ckpt):
+        hazards.append(
+            "hf_quant_config.json has quant_algo null (a ModelOpt KV-only export): SGLang and vLLM read no "
+            "quant config from it, so SGLang uses 1.0 and vLLM refuses to load the KV scale tensors; "
+            "re-export it with fp4kv export-scales --format modelopt"
         )
     for row in have:
         for side in ("k", "v"):
@@ -217,7 +229,10 @@ def _checkpoint_hazards(ckpt: Checkpoint, layers: list[dict[str, Any]]) -> list[
     if ckpt.reading.kv_dtype in (None, "nvfp4") and have:
         hazards += _consumer_hazards("nvfp4" if ckpt.reading.kv_dtype else None, ckpt.reading.convention)
     if any(row["k_scale_per_head"] for row in have) and any(row["k_family"] == "modelopt" for row in have):
-        hazards.append("per-head k_proj.k_scale: SGLang's BaseKVCacheMethod accepts per-tensor scales only")
+        hazards.append(
+            "per-head k_proj.k_scale: SGLang's and vLLM's BaseKVCacheMethod accept per-tensor scales only "
+            "(vLLM refuses to load it)"
+        )
     hazards += _extra_tensor_hazards(ckpt)
     if ckpt.missing_files:
         hazards.append(f"index lists missing shard(s) {', '.join(ckpt.missing_files)}: engines fail to load")

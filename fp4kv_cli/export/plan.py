@@ -10,13 +10,21 @@ from fp4kv_cli.export.conventions import Consumer
 from fp4kv_cli.export.source import KVSource
 from fp4kv_cli.quant.scales import amax_to_scale
 
-#: Relative slack when comparing an implied amax with the calibrated one (fp32 round trip).
-MATCH_RTOL = 1e-5
+#: Relative slack when comparing an implied amax with the calibrated one: one bfloat16 step
+#: (scales are rounded up to bfloat16 values, see :func:`stored`).
+MATCH_RTOL = 2.0**-7
 
 
-def fp32(value: float) -> float:
-    """``value`` rounded to float32, as it is stored in a checkpoint."""
-    return float(torch.tensor(value, dtype=torch.float32))
+def stored(value: float) -> float:
+    """``value`` rounded up to the nearest bfloat16 value (stored as float32 in the checkpoint).
+
+    vLLM's and SGLang's ModelOpt KV path (``BaseKVCacheMethod.create_weights``) create the
+    k/v scale parameters in the model dtype, so a float32 scale would be rounded to nearest
+    bf16 / fp16 there, up to 0.4% below ``amax / 448`` (values clip). A bfloat16 value is
+    exact in fp16 and fp32 too, so every engine gets the exported scale, never a smaller one.
+    """
+    bits = torch.tensor([value], dtype=torch.float32).view(torch.int32)
+    return float(((bits + 0xFFFF) & -0x10000).view(torch.float32))
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,7 @@ class LayerPlan:
 
     ``k_amax`` / ``v_amax`` are the amax the scales must cover (for a centered K, the amax of
     raw K, so engines that ignore the offset do not clip); ``k_amax_centered`` is the amax of
-    ``K - k_offset`` when the scales file has an offset. Scales are fp32-rounded.
+    ``K - k_offset`` when the scales file has an offset. Scales are rounded up to bfloat16 values.
     """
 
     index: int
@@ -52,8 +60,8 @@ def plan_layers(source: KVSource, convention: str, per_head: bool) -> tuple[Laye
                 index=layer.index,
                 k_amax=k_amax,
                 v_amax=layer.v_amax,
-                k_scale=fp32(amax_to_scale(k_amax, convention)),  # type: ignore[arg-type]
-                v_scale=fp32(amax_to_scale(layer.v_amax, convention)),  # type: ignore[arg-type]
+                k_scale=stored(amax_to_scale(k_amax, convention)),  # type: ignore[arg-type]
+                v_scale=stored(amax_to_scale(layer.v_amax, convention)),  # type: ignore[arg-type]
                 k_scale_per_head=_heads(k_heads, convention) if per_head else None,
                 v_scale_per_head=_heads(layer.v_amax_per_head, convention) if per_head else None,
                 k_amax_centered=layer.k_amax if raw is not None else None,
@@ -64,7 +72,7 @@ def plan_layers(source: KVSource, convention: str, per_head: bool) -> tuple[Laye
 
 
 def _heads(amax: tuple[float, ...] | None, convention: str) -> tuple[float, ...] | None:
-    return None if amax is None else tuple(fp32(amax_to_scale(a, convention)) for a in amax)  # type: ignore[arg-type]
+    return None if amax is None else tuple(stored(amax_to_scale(a, convention)) for a in amax)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
