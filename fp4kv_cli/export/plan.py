@@ -109,7 +109,7 @@ def verdict(implied: float, needed: float) -> str:
     return f"wastes x{ratio:.3g}"
 
 
-def consumer_view(consumer: Consumer, fmt: str, qkv_quantized: bool) -> ConsumerView:
+def consumer_view(consumer: Consumer, fmt: str, qkv_quantized: bool, per_head: bool = False) -> ConsumerView:
     """Whether ``consumer`` reads scales exported in ``fmt`` (see docs/export.md for sources).
 
     A JSON sidecar is read by SGLang only for FP8 (``--quantization-param-path``); for the other
@@ -129,6 +129,16 @@ def consumer_view(consumer: Consumer, fmt: str, qkv_quantized: bool) -> Consumer
         if engine == "vllm":
             return ConsumerView(
                 consumer, True, "CompressedTensorsKVCacheMethod loads self_attn.k_scale/v_scale"
+            )
+        if engine == "sglang" and not per_head:
+            return ConsumerView(
+                consumer, True, "CompressedTensorsKVCacheMethod (static per-tensor FP8) loads self_attn.k_scale/v_scale"
+            )
+        if engine == "sglang":
+            return ConsumerView(
+                consumer,
+                False,
+                "SGLang ignores an attn_head kv_cache_scheme (static per-tensor FP8 only); scales stay 1.0",
             )
         return ConsumerView(
             consumer,
