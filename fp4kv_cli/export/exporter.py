@@ -138,7 +138,7 @@ def _report(
     warnings: list[str],
     qkv_quantized: bool,
 ) -> dict[str, Any]:
-    views = [consumer_view(c, fmt, qkv_quantized, per_head) for c in resolution.consumers]
+    views = [consumer_view(c, fmt, qkv_quantized, per_head, model_type) for c in resolution.consumers]
     report = build_report(
         source=source,
         plans=plans,

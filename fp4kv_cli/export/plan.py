@@ -109,13 +109,28 @@ def verdict(implied: float, needed: float) -> str:
     return f"wastes x{ratio:.3g}"
 
 
-def consumer_view(consumer: Consumer, fmt: str, qkv_quantized: bool, per_head: bool = False) -> ConsumerView:
+#: Architectures whose SGLang loader never maps k/v scale names onto the attention layer: the
+#: default (legacy) ``Qwen2ForCausalLM.load_weights`` of sgl-project/sglang 0.5.23
+#: (``python/sglang/srt/models/qwen2.py``) calls no ``maybe_remap_kv_scale_name``, so
+#: ``self_attn.k_scale`` / ``k_proj.k_scale`` find no parameter and are dropped.
+SGLANG_DROPS_KV_SCALES = ("qwen2",)
+
+
+def consumer_view(
+    consumer: Consumer, fmt: str, qkv_quantized: bool, per_head: bool = False, model_type: str = ""
+) -> ConsumerView:
     """Whether ``consumer`` reads scales exported in ``fmt`` (see docs/export.md for sources).
 
     A JSON sidecar is read by SGLang only for FP8 (``--quantization-param-path``); for the other
     consumers it is evaluated as if its values were handed to the engine.
     """
     engine = consumer.engine
+    if engine == "sglang" and fmt != "json" and model_type in SGLANG_DROPS_KV_SCALES:
+        return ConsumerView(
+            consumer,
+            False,
+            f"SGLang's {model_type} loader does not remap k/v scale names: the scales are dropped, 1.0",
+        )
     if fmt == "modelopt":
         if engine == "trtllm" and not qkv_quantized:
             return ConsumerView(

@@ -56,9 +56,9 @@ KINDS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "ct-tensor": (("--format", "compressed-tensors", "--per-tensor"), True, False),
     "ct-head": (("--format", "compressed-tensors"), True, False),
     # ModelOpt quantization_config in config.json (+ hf_quant_config.json), per-head amax reduced
-    "mo-config": (("--format", "modelopt", "--engine", "vllm"), True, False),
+    "mo-config": (("--format", "modelopt"), True, False),
     # ModelOpt hf_quant_config.json only (the source was a ModelOpt KV-only checkpoint)
-    "mo-hfquant": (("--format", "modelopt", "--engine", "vllm"), False, True),
+    "mo-hfquant": (("--format", "modelopt"), False, True),
 }
 
 

@@ -178,10 +178,14 @@ def probe(sgl: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
     if request.get("kv_cache_dtype") == "nvfp4":
         result["scales"] = _nvfp4_scales(sgl, attention, request["sm"])
     else:
-        result["scales"] = [
-            [getattr(a, "k_scale_float", 1.0), getattr(a, "v_scale_float", 1.0)] for a in attention
-        ]
+        # Without a KV method RadixAttention keeps k_scale None and the KV pool does not divide by
+        # it (memory_pool.py ``set_kv_buffer``): scale 1.0.
+        result["scales"] = [[_or_one(a.k_scale_float), _or_one(a.v_scale_float)] for a in attention]
     return result
+
+
+def _or_one(value: float | None) -> float:
+    return 1.0 if value is None else value
 
 
 def _nvfp4_scales(sgl: dict[str, Any], attention: list[Any], sm: int) -> list[list[float]]:
