@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fp4kv_cli.cli import app
 from fp4kv_cli.export.inspect import inspect_path
+from fp4kv_cli.export.plan import MATCH_RTOL
 
 runner = CliRunner()
 
@@ -191,8 +192,8 @@ def test_export_then_inspect_gives_the_calibrated_amax_back(llama: Path, tmp_pat
     )
     assert result.exit_code == 0, result.output
     report = inspect_path(out)
-    assert [r["k_amax"] for r in report["layers"]] == pytest.approx(list(K_AMAX[:2]), rel=1e-6)
-    assert [r["v_amax"] for r in report["layers"]] == pytest.approx(list(V_AMAX[:2]), rel=1e-6)
+    assert [r["k_amax"] for r in report["layers"]] == pytest.approx(list(K_AMAX[:2]), rel=MATCH_RTOL)
+    assert [r["v_amax"] for r in report["layers"]] == pytest.approx(list(V_AMAX[:2]), rel=MATCH_RTOL)
 
 
 def test_centered_k_round_trip_and_unindexed_offset(llama: Path, tmp_path: Path) -> None:
@@ -215,7 +216,9 @@ def test_centered_k_round_trip_and_unindexed_offset(llama: Path, tmp_path: Path)
     ]
     assert runner.invoke(app, args).exit_code == 0
     report = inspect_path(out)
-    assert [r["k_amax"] for r in report["layers"]] == pytest.approx([e["k_amax_raw"] for e in data["layers"]])
+    assert [r["k_amax"] for r in report["layers"]] == pytest.approx(
+        [e["k_amax_raw"] for e in data["layers"]], rel=MATCH_RTOL
+    )
     assert [r["k_amax_centered"] for r in report["layers"]] == pytest.approx(list(K_AMAX[:2]))
     assert has(report, "not indexed): engines ignore it")
 

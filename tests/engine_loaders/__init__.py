@@ -1,3 +1,4 @@
-"""Re-implementations of how SGLang, vLLM and TensorRT-LLM find and use KV scales in a
-checkpoint, written from their sources (each module names the files it mirrors), so tests can
-load an export the way the engines do without installing them."""
+"""A re-implementation of how TensorRT-LLM finds and uses KV scales in a checkpoint, written from
+its sources (``trtllm.py`` names the files it mirrors): TensorRT-LLM needs CUDA and TensorRT and
+does not import on a CPU machine. vLLM and SGLang are tested with their own code in
+``tests/engines/``. ``fixtures.py`` builds the tiny models and scales files the tests share."""
