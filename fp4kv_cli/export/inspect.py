@@ -246,7 +246,7 @@ def _extra_tensor_hazards(ckpt: Checkpoint) -> list[str]:
         if role in ("k_offset", "k_bias", "v_bias"):
             if tensor.indexed:
                 hazards.append(
-                    f"{name} is indexed: SGLang/vLLM Llama loaders map k_proj.* onto qkv_proj and fail on it"
+                    f"{name} is indexed: vLLM maps k_proj.* onto qkv_proj and fails to load it (SGLang skips it)"
                 )
             else:
                 hazards.append(

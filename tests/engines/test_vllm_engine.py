@@ -178,3 +178,23 @@ def test_per_head_modelopt_scales_are_refused(exports: dict[str, Export], tmp_pa
     assert any("per-head k_proj.k_scale" in h and "vLLM" in h for h in hazards), hazards
     with pytest.raises(ValueError, match="scalar"):
         start_engine(folder)
+
+
+def test_indexed_k_offset_is_refused(exports: dict[str, Export], models: dict[str, Path], tmp_path: Path) -> None:
+    """Why export keeps fp4kv's K offset out of the index: vLLM maps k_proj.k_offset onto the fused
+    qkv_proj and fails; ``fp4kv inspect`` says so."""
+    from engine_exports import export as run_export
+    from engine_loaders.fixtures import scales_dict, write_scales
+
+    from fp4kv_cli.export.exporter import OFFSET_FILE
+
+    scales = write_scales(tmp_path / "offset.json", scales_dict(models["llama"], offset=True))
+    folder = tmp_path / "offset"
+    run_export(models["llama"], scales, folder, "--format", "compressed-tensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.self_attn.k_proj.k_offset"] = OFFSET_FILE
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    hazards = inspect_path(folder)["hazards"]
+    assert any("k_offset is indexed" in h and "fail" in h for h in hazards), hazards
+    with pytest.raises(AttributeError, match="'QKVParallelLinear' object has no attribute 'data'"):
+        start_engine(folder)
