@@ -75,11 +75,15 @@ def test_json_sidecar_carries_the_param_path_block(scales: Path, llama: Path, tm
     report = json.loads(out.read_text())
     factors = report["kv_cache"]["scaling_factor"]["0"]
     assert factors["1"] * 448 == pytest.approx(max(K_AMAX[1], V_AMAX[1]), rel=MATCH_RTOL)
-    assert_matches_report([(factors[str(i)], factors[str(i)]) for i in range(LAYERS)], consumer(report, "sglang", "sm90"))
+    assert_matches_report(
+        [(factors[str(i)], factors[str(i)]) for i in range(LAYERS)], consumer(report, "sglang", "sm90")
+    )
     assert report["convention"] == "448" and "amax / 448" in report["convention_text"]
 
 
-def test_forced_wrong_convention_shows_the_6x_in_the_report(scales: Path, llama: Path, tmp_path: Path) -> None:
+def test_forced_wrong_convention_shows_the_6x_in_the_report(
+    scales: Path, llama: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     args = ("--kv-dtype", "nvfp4", "--target", "sm100", "--convention", "448", "--force-convention")
     result = run_export(scales, llama, out, "--format", "modelopt", *args)
@@ -93,7 +97,12 @@ def test_sglang_reads_per_tensor_compressed_tensors_only(scales: Path, llama: Pa
     for per_tensor in (False, True):
         out = tmp_path / f"ct{per_tensor}"
         extra = ("--per-tensor",) if per_tensor else ()
-        assert run_export(scales, llama, out, "--format", "compressed-tensors", "--kv-dtype", "fp8", *extra).exit_code == 0
+        assert (
+            run_export(
+                scales, llama, out, "--format", "compressed-tensors", "--kv-dtype", "fp8", *extra
+            ).exit_code
+            == 0
+        )
         report = json.loads((out / "fp4kv_kv_scales.json").read_text())
         assert consumer(report, "sglang", "sm90")["reads_scales"] is per_tensor
         assert consumer(report, "vllm", "sm90")["reads_scales"]
@@ -131,7 +140,9 @@ def test_trtllm_reads_kv_scales_only_with_fp8_qkv(scales: Path, llama: Path, tmp
         run_export(scales, fp8_model, legacy, *args, "--convention", "6x448", "--force-convention").exit_code
         == 0
     )
-    assert trtllm.kv_scales(legacy, LAYERS, legacy=True)[0][0] * 448 == pytest.approx(K_AMAX[0], rel=MATCH_RTOL)
+    assert trtllm.kv_scales(legacy, LAYERS, legacy=True)[0][0] * 448 == pytest.approx(
+        K_AMAX[0], rel=MATCH_RTOL
+    )
 
 
 # --- conversion, layout, hard links ------------------------------------------------------------
@@ -266,7 +277,9 @@ def test_k_offset_kept_out_of_the_index(llama: Path, tmp_path: Path) -> None:
     raw = [entry["k_amax_raw"] for entry in data["layers"]]
     report = json.loads((out / "fp4kv_kv_scales.json").read_text())
     assert [row["k_amax"] for row in report["layers"]] == pytest.approx(raw)  # K scale covers raw K
-    assert [row["k_scale"] * report["divisor"] for row in report["layers"]] == pytest.approx(raw, rel=MATCH_RTOL)
+    assert [row["k_scale"] * report["divisor"] for row in report["layers"]] == pytest.approx(
+        raw, rel=MATCH_RTOL
+    )
     with safe_open(str(out / OFFSET_FILE), framework="pt") as handle:
         assert handle.get_tensor("model.layers.0.self_attn.k_proj.k_offset").shape == (2, 16)
     # Why it stays out of the index: vLLM refuses a checkpoint that lists it

@@ -147,7 +147,9 @@ def consumer_view(
             )
         if engine == "sglang" and not per_head:
             return ConsumerView(
-                consumer, True, "CompressedTensorsKVCacheMethod (static per-tensor FP8) loads self_attn.k_scale/v_scale"
+                consumer,
+                True,
+                "CompressedTensorsKVCacheMethod (static per-tensor FP8) loads self_attn.k_scale/v_scale",
             )
         if engine == "sglang":
             return ConsumerView(

@@ -68,15 +68,15 @@ def save_model(arch: str, folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    shape = dict(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    shape = {
+        "vocab_size": 128,
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }
     if arch == "llama":
         LlamaForCausalLM(LlamaConfig(**shape, head_dim=32)).save_pretrained(folder)
     else:
@@ -88,7 +88,17 @@ def export(model: Path, scales: Path, out: Path, *args: str) -> dict[str, Any]:
     """Run ``fp4kv export-scales --kv-dtype fp8`` and return its report."""
     result = CliRunner().invoke(
         app,
-        ["export-scales", str(scales), "--model-dir", str(model), "--out", str(out), "--kv-dtype", "fp8", *args],
+        [
+            "export-scales",
+            str(scales),
+            "--model-dir",
+            str(model),
+            "--out",
+            str(out),
+            "--kv-dtype",
+            "fp8",
+            *args,
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

@@ -157,7 +157,9 @@ def probe(sgl: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
         )
         for i in range(layers)
     ]
-    result["attention_method"] = type(attention[0].quant_method).__name__ if attention[0].quant_method else None
+    result["attention_method"] = (
+        type(attention[0].quant_method).__name__ if attention[0].quant_method else None
+    )
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     files = utils.filter_duplicate_safetensors_files(files, path, "model.safetensors.index.json")
     params: dict[str, torch.nn.Parameter] = {}
@@ -212,9 +214,13 @@ def main() -> None:
     for request in requests:
         try:
             results.append(probe(sgl, request))
-        except Exception as err:  # the engine's own refusal is a result
+        except Exception as err:  # noqa: BLE001 (the engine's own refusal is a result)
             results.append(
-                {"id": request["id"], "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+                {
+                    "id": request["id"],
+                    "error": f"{type(err).__name__}: {err}",
+                    "trace": traceback.format_exc(),
+                }
             )
     Path(sys.argv[2]).write_text(json.dumps(results, indent=2))
 

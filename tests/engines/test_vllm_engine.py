@@ -23,9 +23,11 @@ from safetensors.torch import save_file
 
 from fp4kv_cli.export.inspect import inspect_path
 
-pytest.importorskip("vllm", reason="real-engine tier: pip install -e '.[engines]' (scripts/install_engines.sh)")
+pytest.importorskip(
+    "vllm", reason="real-engine tier: pip install -e '.[engines]' (scripts/install_engines.sh)"
+)
 
-from vllm import LLM, SamplingParams  # noqa: E402
+from vllm import LLM, SamplingParams
 
 PROMPT = [1, 5, 9, 17, 33]
 NEW_TOKENS = 4
@@ -180,7 +182,9 @@ def test_per_head_modelopt_scales_are_refused(exports: dict[str, Export], tmp_pa
         start_engine(folder)
 
 
-def test_indexed_k_offset_is_refused(exports: dict[str, Export], models: dict[str, Path], tmp_path: Path) -> None:
+def test_indexed_k_offset_is_refused(
+    exports: dict[str, Export], models: dict[str, Path], tmp_path: Path
+) -> None:
     """Why export keeps fp4kv's K offset out of the index: vLLM maps k_proj.k_offset onto the fused
     qkv_proj and fails; ``fp4kv inspect`` says so."""
     from engine_exports import export as run_export
