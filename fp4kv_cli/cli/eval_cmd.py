@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -114,7 +115,8 @@ def gsm8k(
     table = summary_table(summary)
     (console if console.is_terminal else Console(width=TABLE_WIDTH)).print(table)
     run_dir = summary["run_dir"]
-    console.print(f"results in {run_dir}/ (summary.json, samples-<kv>.jsonl, summary.png)", highlight=False)
+    png = ", summary.png" if (Path(run_dir) / "summary.png").is_file() else ""
+    console.print(f"results in {run_dir}/ (summary.json, samples-<kv>.jsonl{png})", highlight=False)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

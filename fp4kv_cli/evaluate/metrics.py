@@ -60,12 +60,18 @@ def accuracy(flags: Sequence[bool]) -> Accuracy:
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion ``successes / n``."""
+    """Wilson score interval of a binomial proportion ``successes / n``.
+
+    The bounds always hold ``p``: exactly 0 for no successes and exactly 1 for all (rounding
+    would otherwise give e.g. 1.4e-17 for 0 of 20).
+    """
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if successes == 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if successes == n else max(p, min(1.0, centre + half))
+    return low, high
 
 
 def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> PairedDifference:

@@ -140,6 +140,17 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     return path
 
 
+def try_plot_summary(run_dir: Path, summary: Mapping[str, Any]) -> tuple[Path | None, str | None]:
+    """:func:`plot_summary`, but a chart never fails a finished run: on any error the stale
+    ``summary.png`` of an earlier session is removed and ``(None, reason)`` returned."""
+    try:
+        return plot_summary(run_dir, summary), None
+    except Exception as err:  # noqa: BLE001  # the results are saved already; the chart is optional
+        (run_dir / "summary.png").unlink(missing_ok=True)
+        lines = str(err).strip().splitlines()
+        return None, f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def plot_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     """Bar chart ``summary.png``: strict / flexible accuracy (95 % CI) and, when measured, KL per
     KV format."""
@@ -159,8 +170,8 @@ def plot_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
         (width / 2, "flexible", "flexible-extract"),
     ):
         means = [r["accuracy"][key]["mean"] for r in results]
-        lows = [m - r["accuracy"][key]["ci95"][0] for m, r in zip(means, results)]
-        highs = [r["accuracy"][key]["ci95"][1] - m for m, r in zip(means, results)]
+        lows = [max(0.0, m - r["accuracy"][key]["ci95"][0]) for m, r in zip(means, results)]
+        highs = [max(0.0, r["accuracy"][key]["ci95"][1] - m) for m, r in zip(means, results)]
         positions = [i + offset for i in range(len(formats))]
         ax.bar(positions, means, width, yerr=[lows, highs], capsize=3, label=label)
     ax.set_xticks(range(len(formats)), formats)

@@ -32,7 +32,7 @@ from fp4kv_cli.evaluate.results import (
     RESUME_KEY_DEFAULTS,
     SampleLog,
     load_fidelity,
-    plot_summary,
+    try_plot_summary,
     prepare_run_dir,
     samples_path,
     save_fidelity,
@@ -241,7 +241,9 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0])
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(plan.run_dir, summary)
-    plot_summary(plan.run_dir, summary)
+    png, problem = try_plot_summary(plan.run_dir, summary)
+    if png is None:
+        console.print(f"[yellow]warning:[/] summary.png not drawn ({problem}); the results are in summary.json")
     return summary
 
 
