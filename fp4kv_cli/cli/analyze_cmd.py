@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fp4kv_cli.analysis.analyze import ANALYSIS_JSON, HEATMAP_PNG, AnalyzeSettings, run_analysis
 from fp4kv_cli.cli.app import (
     WRITE_RECIPE_HELP,
     BudgetOption,
@@ -53,6 +52,9 @@ def analyze(
     write_recipe: Annotated[str | None, typer.Option("--write-recipe", help=WRITE_RECIPE_HELP)] = None,
 ) -> None:
     """Where --format loses accuracy (teacher-forced KL vs bf16), and a recipe that upgrades the worst tensors."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.analysis.analyze import ANALYSIS_JSON, HEATMAP_PNG, AnalyzeSettings, run_analysis
+
     settings = AnalyzeSettings(
         model=model,
         scales=scales,

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from fp4kv_cli.bench.kernels import (
-    FORMATS,
-    OPS,
-    KernelTiming,
-    copy_bandwidth,
-    machine_info,
-    make_setup,
-    run_kernel_bench,
-    write_report,
-)
 from fp4kv_cli.cli.app import bench_app, console, guarded
 from fp4kv_cli.progress import count_progress
+
+if TYPE_CHECKING:
+    from fp4kv_cli.bench.kernels import KernelTiming
 
 
 @bench_app.command("kernels")
@@ -44,6 +37,9 @@ def kernels(
     ] = 128,
 ) -> None:
     """Time NVFP4 / BlockFP4 quantize, dequantize, fused store and gather for every backend (CUDA only)."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.bench.kernels import copy_bandwidth, machine_info, make_setup, run_kernel_bench, write_report
+
     setup = make_setup(min_elements, max_elements, heads, head_dim)
     machine = machine_info(setup.device)
     console.print(
@@ -71,6 +67,8 @@ def kernels(
 
 def _table(timings: list[KernelTiming], backends: list[str]) -> Table:
     """One row per (format, op, size): Triton's ms, GB/s and % of copy, the others' GB/s, bit-exactness."""
+    from fp4kv_cli.bench.kernels import FORMATS, OPS
+
     others = [name for name in backends if name != "triton"]
     table = Table(title="effective bandwidth (bytes read + written), median of do_bench")
     for column in (
@@ -109,6 +107,8 @@ def _size(elements: int) -> str:
 
 def _headline(timings: list[KernelTiming]) -> list[str]:
     """Triton at the largest size: GB/s, % of copy, and the speed-up over FlashInfer where it ran."""
+    from fp4kv_cli.bench.kernels import FORMATS, OPS
+
     largest = max(t.elements for t in timings)
     lines = []
     for fmt in FORMATS:

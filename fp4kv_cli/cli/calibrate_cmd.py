@@ -12,12 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from fp4kv_cli.atomic import write_json_atomic
-from fp4kv_cli.calibration import calibrate
 from fp4kv_cli.cli.app import DeviceMapOption, MaxMemoryOption, app, console, guarded
 from fp4kv_cli.data import DEFAULT_DATASET, load_texts
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.models import load_model_and_tokenizer
-from fp4kv_cli.quant.scales import parse_scales
 
 #: A layer is an outlier when its amax exceeds this multiple of the median over layers.
 OUTLIER_FACTOR = 4.0
@@ -67,6 +64,11 @@ def calibrate_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Capture post-RoPE K and V at the KV cache write; save their amax, percentiles and top channels."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.calibration import calibrate
+    from fp4kv_cli.models import load_model_and_tokenizer
+    from fp4kv_cli.quant.scales import parse_scales
+
     for name, value in (("--num-samples", num_samples), ("--seq-len", seq_len), ("--batch-size", batch_size)):
         if value <= 0:
             raise FP4KVError(f"{name} must be > 0, got {value}; pass a positive number")

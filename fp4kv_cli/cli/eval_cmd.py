@@ -19,7 +19,6 @@ from fp4kv_cli.cli.app import (
     eval_app,
     guarded,
 )
-from fp4kv_cli.evaluate.runner import EvalSettings, parse_kv_dtypes, run_gsm8k
 
 #: Width of the results table when output is not a terminal (logs, CI), so it is not wrapped.
 TABLE_WIDTH = 170
@@ -90,6 +89,9 @@ def gsm8k(
     ] = "graph",
 ) -> None:
     """GSM8K (lm-eval gsm8k prompt and scoring) with the KV cache really stored in each format."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.evaluate.runner import EvalSettings, parse_kv_dtypes, run_gsm8k
+
     settings = EvalSettings(
         model=model,
         kv_dtypes=parse_kv_dtypes(kv_dtype),

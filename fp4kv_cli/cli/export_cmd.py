@@ -9,8 +9,6 @@ from typing import Annotated
 import typer
 
 from fp4kv_cli.cli.app import app, console, guarded
-from fp4kv_cli.export.exporter import ExportRequest, export_scales
-from fp4kv_cli.export.report import report_table
 
 
 @app.command("export-scales")
@@ -59,6 +57,10 @@ def export_scales_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Export KV scales (ModelOpt, compressed-tensors or a JSON sidecar) and show what engines will use."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.export.exporter import ExportRequest, export_scales
+    from fp4kv_cli.export.report import report_table
+
     result = export_scales(
         ExportRequest(
             scales=scales,

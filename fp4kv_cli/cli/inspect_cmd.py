@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from fp4kv_cli.cli.app import app, console, guarded
-from fp4kv_cli.export.inspect import inspect_path, inspect_table, write_inspect_json
 
 
 @app.command("inspect")
@@ -20,6 +19,9 @@ def inspect_cmd(
     ] = None,
 ) -> None:
     """Show KV scales, which convention they are in (or both readings if ambiguous) and hazards."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.export.inspect import inspect_path, inspect_table, write_inspect_json
+
     report = inspect_path(path)
     console.print(inspect_table(report))
     if not report["hazards"]:

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from fp4kv_cli.cli.app import app, console, guarded
 from fp4kv_cli.model_config import KVShape, load_config_dict
-from fp4kv_cli.quant.registry import FP4_KV_CACHE_QUANT_REGISTRY, KV_CACHE_METHOD_REGISTRY
 
 #: The shape used when no model is given: Qwen2.5-1.5B (28 layers, 2 KV heads, head_dim 128).
 DEFAULT_SHAPE = KVShape(num_layers=28, num_kv_heads=2, head_dim=128, model_type="qwen2 (default)")
@@ -25,6 +24,9 @@ def methods(
     mem_gib: Annotated[float, typer.Option("--mem-gib", min=0.001, help="KV memory budget in GiB.")] = 16.0,
 ) -> None:
     """List the KV cache formats with bits per element, bytes per token and tokens per budget."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.quant.registry import FP4_KV_CACHE_QUANT_REGISTRY, KV_CACHE_METHOD_REGISTRY
+
     shape = DEFAULT_SHAPE if model is None else KVShape.from_config(load_config_dict(model))
     table = Table(
         title=(

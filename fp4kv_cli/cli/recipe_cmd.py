@@ -6,10 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fp4kv_cli.analysis.recipe import check_recipe_path, write_recipe_file
-from fp4kv_cli.analysis.replan import load_analysis, replan
 from fp4kv_cli.cli.app import WRITE_RECIPE_HELP, BudgetOption, KlBudgetOption, app, console, guarded
-from fp4kv_cli.quant.scales import load_scales_file
 
 
 @app.command("recipe")
@@ -22,6 +19,11 @@ def recipe(
     kl_budget: KlBudgetOption = 0.001,
 ) -> None:
     """Re-plan fp4kv analyze's recipe under another --budget / --kl-budget from its saved lone KLs."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.analysis.recipe import check_recipe_path, write_recipe_file
+    from fp4kv_cli.analysis.replan import load_analysis, replan
+    from fp4kv_cli.quant.scales import load_scales_file
+
     check_recipe_path(write_recipe)
     scales_file = load_scales_file(scales)
     chosen = replan(load_analysis(analysis), scales_file, budget, kl_budget)
