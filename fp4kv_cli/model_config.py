@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.validate import GGUF_PARSE_ERRORS, check_gguf_file, gguf_error, hub_kwargs, looks_local, missing_model
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class KVShape:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> KVShape:
         """Derive the KV shape from a ``config.json`` dict (text_config of multimodal configs)."""
+        if not isinstance(config, dict):
+            raise FP4KVError(
+                f"the model config is a JSON {type(config).__name__}, not an object; pass a model's config.json"
+            )
         cfg = config.get("text_config") or config
         try:
             heads = int(cfg["num_attention_heads"])
@@ -47,26 +52,38 @@ def load_config_dict(model: str) -> dict[str, Any]:
     if path.suffix == ".json" and path.is_file():
         return _read_json(path)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FP4KVError(f"GGUF file {path} does not exist; check the path")
+        check_gguf_file(path)
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-    if path.exists() or model.startswith((".", "/", "~")):
+        try:
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+        except GGUF_PARSE_ERRORS as err:
+            raise gguf_error(path, err) from None
+    if path.exists():
         raise FP4KVError(f"{model} is not a model folder, config.json or .gguf file")
+    if looks_local(model):
+        raise missing_model(model)
+    kwargs = hub_kwargs(model)
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model).to_dict()
-    except OSError as err:
+        return AutoConfig.from_pretrained(model, **kwargs).to_dict()
+    except (OSError, ValueError) as err:
+        said = (
+            "the hub is unreachable and it is not in the local hub cache"
+            if kwargs.get("local_files_only")
+            else f"the hub said: {str(err).strip().splitlines()[0]}"
+        )
         raise FP4KVError(
-            f"cannot load config of {model!r} (not a local path, and the hub said: {str(err).splitlines()[0]}); "
-            "pass a local model folder or .gguf file"
+            f"cannot load config of {model!r} (not a local path; {said}); pass a local model folder or .gguf file"
         ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FP4KVError(f"cannot read {path}: {err}") from None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8 text
+        raise FP4KVError(f"cannot read {path}: {err}; pass a model's config.json") from None
+    if not isinstance(data, dict):
+        raise FP4KVError(f"{path} holds a JSON {type(data).__name__}, not an object; pass a model's config.json")
+    return data

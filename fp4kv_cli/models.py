@@ -16,6 +16,7 @@ import torch
 
 from fp4kv_cli.atomic import atomic_path
 from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.validate import GGUF_PARSE_ERRORS, check_causal_lm, gguf_error, locate_model
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
@@ -126,9 +127,9 @@ def load_model_and_tokenizer(
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     placement = _placement(device_map, max_memory)
-    location, kwargs = _locate(model)
+    location, kwargs = locate_model(model)
     config = _load_config(model, location, kwargs)
-    _check_decoder(model, config)
+    check_causal_lm(config, model)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # callers show their own progress; tqdm bars would interleave
     try:
@@ -136,6 +137,8 @@ def load_model_and_tokenizer(
         loaded = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **placement)
     except ImportError as err:  # a quantized checkpoint whose library is missing (compressed-tensors, ...)
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; install the package it names") from None
+    except GGUF_PARSE_ERRORS if "gguf_file" in kwargs else () as err:
+        raise gguf_error(model, err) from None
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; check the files") from None
     finally:
@@ -203,47 +206,22 @@ def _offload_folder() -> str:
     return folder
 
 
-def _locate(model: str) -> tuple[str, dict[str, Any]]:
-    """``from_pretrained`` location and extra kwargs (``gguf_file``) for ``model``."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FP4KVError(f"{path} has no config.json; pass a Hugging Face model folder or a .gguf file")
-        return str(path), {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FP4KVError(f"GGUF file {path} does not exist; check the path or run scripts/fetch_model.py")
-        import importlib.util
-
-        if importlib.util.find_spec("gguf") is None:
-            raise FP4KVError("loading a .gguf file needs the gguf package; pip install gguf")
-        return str(path.parent), {"gguf_file": path.name}
-    if path.exists() or model.startswith((".", "/", "~")):
-        raise FP4KVError(f"{model} is not a model folder or .gguf file; pass one, or a hub id")
-    return model, {}
-
-
 def _load_config(model: str, location: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(location, **kwargs)
+    except GGUF_PARSE_ERRORS if "gguf_file" in kwargs else () as err:
+        raise gguf_error(model, err) from None
     except (OSError, ValueError, KeyError) as err:
-        where = "local files" if Path(location).exists() else "the hub (offline?)"
+        where = (
+            "local files" if Path(location).exists()
+            else "the local hub cache (the hub is unreachable)" if kwargs.get("local_files_only")
+            else "the hub"
+        )
         raise FP4KVError(
             f"cannot load config of {model} from {where}: {_first_line(err)}; pass a local model folder or .gguf file"
         ) from None
-
-
-def _check_decoder(model: str, config: Any) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise FP4KVError(
-            f"{model} is a {model_type} model, not a decoder LLM with a KV cache; pass a causal LM "
-            "(Llama, Qwen2, Qwen3, Mistral, ...)"
-        )
 
 
 def _first_line(err: BaseException) -> str:

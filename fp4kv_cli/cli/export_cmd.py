@@ -59,7 +59,7 @@ def export_scales_cmd(
     """Export KV scales (ModelOpt, compressed-tensors or a JSON sidecar) and show what engines will use."""
     # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
     from fp4kv_cli.export.exporter import ExportRequest, export_scales
-    from fp4kv_cli.export.report import report_table
+    from fp4kv_cli.export.report import report_tables
 
     result = export_scales(
         ExportRequest(
@@ -79,7 +79,8 @@ def export_scales_cmd(
     )
     report = result.report
     console.print(f"[bold]convention {report['convention']}[/]: {report['reason']}", highlight=False)
-    console.print(report_table(report))
+    for table in report_tables(report, console):
+        console.print(table)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     counts = Counter(f.how for f in result.files)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.validate import check_output_path
 from fp4kv_cli.export import compressed_tensors, modelopt
 from fp4kv_cli.export.checkpoint import (
     HF_QUANT_CONFIG,
@@ -73,8 +74,14 @@ class ExportResult:
 
 
 def export_scales(request: ExportRequest) -> ExportResult:
-    """Validate, plan and write one export; raises :class:`FP4KVError` on bad input."""
+    """Validate, plan and write one export; raises :class:`FP4KVError` on bad input.
+
+    Choices (``--kv-dtype``, ``--format``, ``--engine``, ``--target``, conventions) are
+    case-insensitive; the output's folder must take new files before anything is read.
+    """
+    request = _normalized(request)
     check_choice(request.fmt, FORMATS, "--format")
+    check_output_path(request.out, "--out", folder=request.fmt != "json")
     resolution = resolve(
         request.kv_dtype, request.convention, request.engine, request.target, request.force_convention
     )
@@ -93,6 +100,23 @@ def export_scales(request: ExportRequest) -> ExportResult:
         return _export_json(request, model_dir, source, plans, resolution, per_head, model_type, warnings)
     return _export_folder(
         request, model_dir, config, source, plans, resolution, per_head, model_type, warnings
+    )
+
+
+def _normalized(request: ExportRequest) -> ExportRequest:
+    """``request`` with its choice options stripped and lower-cased."""
+
+    def norm(value: str | None) -> str | None:
+        return None if value is None else value.strip().lower()
+
+    return replace(
+        request,
+        kv_dtype=norm(request.kv_dtype),
+        fmt=norm(request.fmt),
+        convention=norm(request.convention),
+        engine=norm(request.engine),
+        target=norm(request.target),
+        source_convention=norm(request.source_convention),
     )
 
 

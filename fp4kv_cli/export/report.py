@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from fp4kv_cli import __version__
@@ -137,35 +138,48 @@ def consumer_problems(report: dict[str, Any]) -> list[str]:
     return problems
 
 
-def report_table(report: dict[str, Any]) -> Table:
-    """Rich table: per layer amax, exported scales, and per consumer used value + implied amax."""
-    consumers = report["consumers"]
-    detailed = len(consumers) == 1
+def report_tables(report: dict[str, Any], console: Console) -> list[Table]:
+    """:func:`report_table`, or, where ``console`` is too narrow for it, that table in two
+    (exported scales; what each engine uses): a number is never wrapped across lines."""
+    table = report_table(report)
+    if console.measure(table, options=console.options.update_width(10_000)).maximum <= console.width:
+        return [table]
+    return [report_table(report, consumers=False), report_table(report, exported=False)]
+
+
+def report_table(report: dict[str, Any], exported: bool = True, consumers: bool = True) -> Table:
+    """Rich table: per layer amax and exported scales (``exported``), and per consumer used
+    value + implied amax (``consumers``). Numbers never wrap; verdicts wrap at spaces."""
+    engines = report["consumers"]
+    detailed = len(engines) == 1
     title = (
         f"KV scales ({report['kv_dtype']}, {report['format']}, convention {report['convention']}: "
         f"scale = amax / {report['divisor']:g})"
     )
-    if detailed:
-        title += f"; used / implied amax by {consumers[0]['engine']} {consumers[0]['target']}"
+    if detailed and consumers:
+        title += f"; used / implied amax by {engines[0]['engine']} {engines[0]['target']}"
     table = Table(title=title)
-    for column in ("layer", "K amax", "V amax", "K scale", "V scale"):
-        table.add_column(column, justify="right", overflow="fold")
-    for consumer in consumers:
+    table.add_column("layer", justify="right", no_wrap=True)
+    if exported:
+        for column in ("K amax", "V amax", "K scale", "V scale"):
+            table.add_column(column, justify="right", no_wrap=True)
+    for consumer in engines if consumers else []:
         if detailed:
             for column in ("K used", "V used", "K implied", "V implied"):
-                table.add_column(column, justify="right", overflow="fold")
-            table.add_column("verdict", overflow="fold")
+                table.add_column(column, justify="right", no_wrap=True)
+            table.add_column("verdict", min_width=7)
         else:
-            table.add_column(f"{consumer['engine']} {consumer['target']}", overflow="fold")
+            table.add_column(f"{consumer['engine']} {consumer['target']}", min_width=8)
     for i, layer in enumerate(report["layers"]):
-        cells = [
-            str(layer["index"]),
-            f"{layer['k_amax']:.5g}",
-            f"{layer['v_amax']:.5g}",
-            f"{layer['k_scale']:.6g}",
-            f"{layer['v_scale']:.6g}",
-        ]
-        for consumer in consumers:
+        cells = [str(layer["index"])]
+        if exported:
+            cells += [
+                f"{layer['k_amax']:.5g}",
+                f"{layer['v_amax']:.5g}",
+                f"{layer['k_scale']:.6g}",
+                f"{layer['v_scale']:.6g}",
+            ]
+        for consumer in engines if consumers else []:
             row = consumer["layers"][i]
             if detailed:
                 cells += [

@@ -223,7 +223,11 @@ def parse_scales(data: Mapping[str, Any], source: str = "scales") -> ScalesFile:
     return ScalesFile(data=dict(data), layers=layers)
 
 
-def _parse_layer(entry: Mapping[str, Any], position: int, source: str) -> LayerAmax:
+def _parse_layer(entry: Any, position: int, source: str) -> LayerAmax:
+    if not isinstance(entry, Mapping):
+        raise ScalesFileError(
+            f"{source}: layer entry {position} is {type(entry).__name__}, not an object; re-run fp4kv calibrate"
+        )
     index = entry.get("index", position)
     if index != position:
         raise ScalesFileError(f"{source}: layer entry {position} has index {index}; layers must be in order")
@@ -236,10 +240,21 @@ def _parse_layer(entry: Mapping[str, Any], position: int, source: str) -> LayerA
         per_head[key] = (
             None
             if heads is None
-            else tuple(_positive(v, f"{source}: layer {index} {key}[{h}]") for h, v in enumerate(heads))
+            else tuple(
+                _positive(v, f"{source}: layer {index} {key}[{h}]")
+                for h, v in enumerate(_list(heads, f"{source}: layer {index} {key}"))
+            )
         )
     offset = entry.get("k_offset")
-    k_offset = None if offset is None else tuple(tuple(float(v) for v in head) for head in offset)
+    what = f"{source}: layer {index} k_offset"
+    k_offset = (
+        None
+        if offset is None
+        else tuple(
+            tuple(_number(v, f"{what}[{h}][{c}]") for c, v in enumerate(_list(head, f"{what}[{h}]")))
+            for h, head in enumerate(_list(offset, what))
+        )
+    )
     return LayerAmax(
         index=index,
         k_amax=values["k_amax"],
@@ -265,10 +280,25 @@ def _format(value: Any, what: str) -> str | None:
     return name
 
 
+def _list(value: Any, what: str) -> list[Any] | tuple[Any, ...]:
+    """``value`` when it is a JSON list, else a :class:`ScalesFileError` naming ``what``."""
+    if not isinstance(value, (list, tuple)):
+        raise ScalesFileError(f"{what} is {value!r}, not a list; re-run fp4kv calibrate")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    """``value`` as a float when it is a JSON number (not a string, list or bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+        raise ScalesFileError(f"{what} is {shown}, not a number; re-run fp4kv calibrate")
+    return float(value)
+
+
 def _positive(value: Any, what: str) -> float:
     if value is None:
         raise ScalesFileError(f"{what} is missing; re-run fp4kv calibrate")
-    number = float(value)
+    number = _number(value, what)
     if not math.isfinite(number) or number <= 0:
         raise ScalesFileError(f"{what} is {number}, amax must be finite and > 0; re-run fp4kv calibrate")
     return number
@@ -300,7 +330,8 @@ def per_layer_amax(
             parsed = parse_scales(source)
             return parsed.k_amax(), parsed.v_amax()
         try:
-            k, v = list(source["k_amax"]), list(source["v_amax"])
+            k = _list(source["k_amax"], "k_amax")
+            v = _list(source["v_amax"], "v_amax")
         except KeyError:
             raise ScalesFileError("a scales dict needs 'k_amax' and 'v_amax' lists") from None
         k = [_positive(a, f"k_amax[{i}]") for i, a in enumerate(k)]
