@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from fp4kv_cli.atomic import atomic_path
 from fp4kv_cli.errors import FP4KVError
@@ -139,7 +140,7 @@ def load_model_and_tokenizer(
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; install the package it names") from None
     except GGUF_PARSE_ERRORS if "gguf_file" in kwargs else () as err:
         raise gguf_error(model, err) from None
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError) as err:
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; check the files") from None
     finally:
         if bars_were_on:

@@ -38,23 +38,23 @@ def check_output_path(path: str | os.PathLike[str], option: str = "--out", folde
 
     Probes with a temporary file in the nearest existing folder, so ``/proc/x.json`` or a
     read-only mount fail here, before any calibration or export runs. ``folder``: ``path`` is
-    an output folder (else a file, which must not be an existing folder).
+    an output folder (written beside itself, then renamed); else a file, not an existing folder.
     """
     path = Path(path).expanduser()
     if not folder and path.is_dir():
         raise FP4KVError(f"{option} {path} is a folder; pass a file path")
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise FP4KVError(f"{option} {path}: {folder} is not a folder; pass a path in a writable folder")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FP4KVError(f"{option} {path}: {parent} is not a folder; pass a path in a writable folder")
     try:
-        handle, probe = tempfile.mkstemp(prefix=".fp4kv-write-test.", dir=folder)
+        handle, probe = tempfile.mkstemp(prefix=".fp4kv-write-test.", dir=parent)
         os.close(handle)
         os.unlink(probe)
     except OSError as err:
         raise FP4KVError(
-            f"cannot write {option} {path}: {folder} does not take new files ({err.strerror or err}); "
+            f"cannot write {option} {path}: {parent} does not take new files ({err.strerror or err}); "
             "pass a path in a writable folder"
         ) from None
     return path
@@ -107,8 +107,8 @@ def check_causal_lm(config: Any, model: str) -> None:
         kind = "not a causal LM"
     if kind is not None:
         raise FP4KVError(
-            f"{model} is a {model_type} model ({kind}), not a decoder LLM with a KV cache; pass a causal "
-            "LM (Llama, Qwen2, Qwen3, Mistral, ...)"
+            f"{model} is a {model_type} model ({kind}); pass a decoder LLM that has a KV cache (a causal "
+            "LM: Llama, Qwen2, Qwen3, Mistral, ...)"
         )
 
 

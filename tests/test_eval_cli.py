@@ -142,7 +142,7 @@ def _scales_for_three_layers(path: Path) -> Path:
         (["--decode-attention", "paged"], "--decode-attention must be one of graph, fused, gather"),
         (["--chat"], "has no chat template"),
         (["--scales", "SCALES"], "scales file has 3 layers but the model has 2"),
-        (["--out", "BLOCKED"], "cannot write to"),
+        (["--out", "BLOCKED"], "is not a folder"),
         (["--data", "MISSING"], "does not exist"),
     ],
 )

@@ -119,12 +119,12 @@ def test_load_model_errors(tmp_path: Path) -> None:
         load_model_and_tokenizer(str(tmp_path))
     with pytest.raises(FP4KVError, match="does not exist"):
         load_model_and_tokenizer(str(tmp_path / "m.gguf"))
-    with pytest.raises(FP4KVError, match="not a model folder"):
+    with pytest.raises(FP4KVError, match="does not exist"):
         load_model_and_tokenizer(str(tmp_path / "missing-folder"))
     from transformers import T5Config
 
     T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, vocab_size=50).save_pretrained(tmp_path / "t5")
-    with pytest.raises(FP4KVError, match="t5 model, not a decoder LLM"):
+    with pytest.raises(FP4KVError, match=r"t5 model \(an encoder-decoder\); pass a decoder LLM"):
         load_model_and_tokenizer(str(tmp_path / "t5"))
 
 

@@ -54,7 +54,7 @@ from fp4kv_cli.models import (
     parse_dtype,
     resolve_device,
 )
-from fp4kv_cli.progress import count_progress
+from fp4kv_cli.progress import count_progress, status
 from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod
 from fp4kv_cli.quant.registry import get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile
@@ -99,7 +99,7 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
     scales_file, offsets, shape = _check(settings)
     device = resolve_device(settings.device)
     dtype = parse_dtype(settings.dtype, device)
-    with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {settings.device_map or device})"):
+    with status(console, f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {settings.device_map or device})"):
         model, tokenizer = load_model_and_tokenizer(
             settings.model, device, dtype, settings.device_map, settings.max_memory
         )

@@ -24,7 +24,7 @@ from fp4kv_cli.cli.app import (
 
 
 @app.command("analyze")
-@guarded
+@guarded(oom_fix="lower --samples, or use --dtype bf16")
 def analyze(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file or hub id.")],
     scales: Annotated[str, typer.Option("--scales", help="scales.json from fp4kv calibrate (--center-k).")],

@@ -9,7 +9,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.errors import FP4KVError, is_out_of_memory
 
 app = typer.Typer(
     name="fp4kv",
@@ -55,15 +55,32 @@ err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def guarded(func: F) -> F:
-    """Turn :class:`FP4KVError` raised by a command into a one-line error and exit code 2."""
+def guarded(func: F | None = None, *, oom_fix: str = "lower --batch-size") -> Any:
+    """Turn :class:`FP4KVError` raised by a command into a one-line error and exit code 2; the
+    same for running out of (GPU or CPU) memory, with ``oom_fix`` as the fix.
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FP4KVError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
-            raise typer.Exit(code=2) from None
+    Use as ``@guarded`` or ``@guarded(oom_fix="lower --seq-len")``.
+    """
 
-    return wrapper  # type: ignore[return-value]
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return command(*args, **kwargs)
+            except FP4KVError as err:
+                _fail(str(err))
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                lines = str(err).strip().splitlines()
+                what = lines[0] if lines else type(err).__name__
+                _fail(f"out of memory ({what}); {oom_fix}")
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate(func) if func is not None else decorate
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2) from None

@@ -10,17 +10,18 @@ from rich.table import Table
 
 from fp4kv_cli.cli.app import bench_app, console, guarded
 from fp4kv_cli.progress import count_progress
+from fp4kv_cli.validate import check_output_path
 
 if TYPE_CHECKING:
     from fp4kv_cli.bench.kernels import KernelTiming
 
 
 @bench_app.command("kernels")
-@guarded
+@guarded(oom_fix="lower --max-elements")
 def kernels(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for bench_kernels.json and bench_kernels.png.")
-    ] = Path("docs"),
+    ] = Path("results"),
     min_elements: Annotated[
         int,
         typer.Option(
@@ -40,6 +41,7 @@ def kernels(
     # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
     from fp4kv_cli.bench.kernels import copy_bandwidth, machine_info, make_setup, run_kernel_bench, write_report
 
+    check_output_path(out / "bench_kernels.json", "--out")
     setup = make_setup(min_elements, max_elements, heads, head_dim)
     machine = machine_info(setup.device)
     console.print(

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -15,6 +15,8 @@ from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.cli.app import DeviceMapOption, MaxMemoryOption, app, console, guarded
 from fp4kv_cli.data import DEFAULT_DATASET, load_texts
 from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.progress import LoggedProgress, status
+from fp4kv_cli.validate import check_output_path, locate_model
 
 #: A layer is an outlier when its amax exceeds this multiple of the median over layers.
 OUTLIER_FACTOR = 4.0
@@ -30,7 +32,7 @@ class TokensPerSecondColumn(ProgressColumn):
 
 
 @app.command("calibrate")
-@guarded
+@guarded(oom_fix="lower --batch-size or --seq-len")
 def calibrate_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file or hub id.")],
     dataset: Annotated[
@@ -53,7 +55,9 @@ def calibrate_command(
     dtype: Annotated[
         str, typer.Option(help="Model dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32.")
     ] = "auto",
-    per_head: Annotated[bool, typer.Option("--per-head", help="Also record amax per KV head.")] = False,
+    per_head: Annotated[
+        bool, typer.Option("--per-head/--no-per-head", help="Also record amax per KV head (as analyze and export use).")
+    ] = True,
     center_k: Annotated[
         bool,
         typer.Option(
@@ -74,21 +78,24 @@ def calibrate_command(
             raise FP4KVError(f"{name} must be > 0, got {value}; pass a positive number")
     if out.exists() and not overwrite:
         raise FP4KVError(f"{out} already exists; pass --overwrite or another --out")
+    check_output_path(out, "--out")
+    locate_model(model)  # a missing path, bad GGUF or unreachable hub fails before torch loads
     texts = load_texts(dataset, split, text_field, num_samples)
     note = " (dequantizing the GGUF: about a minute per billion weights)" if model.endswith(".gguf") else ""
-    with console.status(f"loading {model}{note}"):
+    with status(console, f"loading {model}{note}"):
         loaded, tokenizer = load_model_and_tokenizer(
             model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory
         )
-    with Progress(
+    with LoggedProgress(
         TextColumn("calibrating"),
         BarColumn(),
         TextColumn("{task.completed:,.0f} tokens"),
         TokensPerSecondColumn(),
         TimeElapsedColumn(),
         console=console,
+        unit="tokens",
     ) as progress:
-        task = progress.add_task("calibrate", total=None)
+        task = progress.add_task("calibrating", total=None)
 
         def advance(tokens: int, total: int) -> None:
             progress.update(task, advance=tokens, total=total)

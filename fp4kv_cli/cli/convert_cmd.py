@@ -11,7 +11,7 @@ from fp4kv_cli.cli.app import app, console, guarded
 
 
 @app.command("convert")
-@guarded
+@guarded(oom_fix="convert on a machine with more memory, or use --dtype bf16")
 def convert(
     gguf: Annotated[Path, typer.Argument(help="The .gguf model file to convert.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (model + tokenizer).")],

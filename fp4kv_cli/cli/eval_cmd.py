@@ -25,7 +25,7 @@ TABLE_WIDTH = 170
 
 
 @eval_app.command("gsm8k")
-@guarded
+@guarded(oom_fix="lower --batch-size (or --max-new-tokens, --fidelity-samples)")
 def gsm8k(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file or hub id.")],
     kv_dtype: Annotated[

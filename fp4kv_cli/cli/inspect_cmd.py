@@ -8,6 +8,10 @@ from typing import Annotated
 import typer
 
 from fp4kv_cli.cli.app import app, console, guarded
+from fp4kv_cli.validate import check_output_path
+
+#: Exit code of ``fp4kv inspect`` when it reports hazards (0: none; 2: bad input).
+HAZARD_EXIT_CODE = 3
 
 
 @app.command("inspect")
@@ -18,10 +22,15 @@ def inspect_cmd(
         Path | None, typer.Option("--json", help="Also save the report as JSON here.")
     ] = None,
 ) -> None:
-    """Show KV scales, which convention they are in (or both readings if ambiguous) and hazards."""
+    """Show KV scales, which convention they are in (or both readings if ambiguous) and hazards.
+
+    Exit code 0: no hazards; 3: hazards reported (scripts can test it); 2: bad input.
+    """
     # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
     from fp4kv_cli.export.inspect import inspect_path, inspect_table, write_inspect_json
 
+    if json_out is not None:
+        check_output_path(json_out, "--json")
     report = inspect_path(path)
     console.print(inspect_table(report))
     if not report["hazards"]:
@@ -31,3 +40,5 @@ def inspect_cmd(
     if json_out is not None:
         write_inspect_json(report, json_out)
         console.print(f"report saved to {json_out}", highlight=False)
+    if report["hazards"]:
+        raise typer.Exit(code=HAZARD_EXIT_CODE)

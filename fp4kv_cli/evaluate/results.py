@@ -17,6 +17,7 @@ from typing import Any
 from fp4kv_cli.atomic import atomic_path, write_json_atomic
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.fidelity import Fidelity
+from fp4kv_cli.validate import check_output_path
 
 #: config.json keys that must be equal to resume a run (the rest, e.g. batch size, may change).
 #: The decode read is one of them: the kernel and SDPA round differently, enough to move greedy
@@ -29,19 +30,14 @@ RESUME_KEYS = (
 RESUME_KEY_DEFAULTS = {"decode_attention": "gather"}
 
 
-def prepare_run_dir(
+def check_run_dir(
     out: str | os.PathLike[str], run_name: str, config: Mapping[str, Any], resume: bool
 ) -> Path:
-    """Create (or, with ``resume``, reopen) ``out/run_name`` and record ``config`` in it."""
+    """``out/run_name`` once it can take this run, creating and writing nothing: ``out`` must
+    take new files, and an earlier run there needs ``resume`` and the same :data:`RESUME_KEYS`."""
     run_dir = Path(out).expanduser() / run_name
     config_path = run_dir / "config.json"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise FP4KVError(f"cannot write to {run_dir}: {err.strerror or err}; pass a writable --out") from None
+    check_output_path(config_path, "--out")
     if config_path.exists():
         if not resume:
             raise FP4KVError(
@@ -49,10 +45,12 @@ def prepare_run_dir(
             )
         try:
             previous = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:
             raise FP4KVError(
                 f"cannot read {config_path}: {err}; delete the run folder to start over"
             ) from None
+        if not isinstance(previous, dict):
+            raise FP4KVError(f"{config_path} is not a JSON object; delete the run folder to start over")
         changed = [
             key
             for key in RESUME_KEYS
@@ -63,7 +61,21 @@ def prepare_run_dir(
                 f"cannot resume {run_dir}: {', '.join(changed)} differ from the earlier run; "
                 "use the same settings or another --run-name"
             )
-    write_json_atomic(config_path, dict(config))
+    return run_dir
+
+
+def prepare_run_dir(
+    out: str | os.PathLike[str], run_name: str, config: Mapping[str, Any], resume: bool
+) -> Path:
+    """Create (or, with ``resume``, reopen) ``out/run_name`` after :func:`check_run_dir`, and
+    record ``config`` in it. Call it once every input is checked and the model has loaded, so a
+    failed start leaves no run folder behind."""
+    run_dir = check_run_dir(out, run_name, config, resume)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FP4KVError(f"cannot write to {run_dir}: {err.strerror or err}; pass a writable --out") from None
+    write_json_atomic(run_dir / "config.json", dict(config))
     return run_dir
 
 

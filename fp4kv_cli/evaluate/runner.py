@@ -31,11 +31,12 @@ from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
 from fp4kv_cli.evaluate.results import (
     RESUME_KEY_DEFAULTS,
     SampleLog,
+    check_run_dir,
     load_fidelity,
-    try_plot_summary,
     prepare_run_dir,
     samples_path,
     save_fidelity,
+    try_plot_summary,
     write_summary,
 )
 from fp4kv_cli.evaluate.static_decode import decode_path
@@ -49,11 +50,12 @@ from fp4kv_cli.models import (
     placed_devices,
     resolve_device,
 )
-from fp4kv_cli.progress import count_progress
+from fp4kv_cli.progress import count_progress, status
 from fp4kv_cli.quant.backend import get_backend
 from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod, LayerScales
 from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY, get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
+from fp4kv_cli.validate import check_causal_lm
 
 #: The format every other one is compared with (fidelity reference, paired accuracy difference).
 REFERENCE = "bf16"
@@ -184,11 +186,11 @@ class _Plan:
 def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     """Run the evaluation and return the summary (also written to ``OUT/<run>/summary.json``)."""
     started = time.perf_counter()
-    plan = _plan(settings)
     device = resolve_device(settings.device)
     dtype = parse_dtype(settings.dtype, device)
+    plan = _plan(settings)
     where = settings.device_map or device
-    with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {where})"):
+    with status(console, f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {where})"):
         model, tokenizer = load_model_and_tokenizer(
             settings.model, device, dtype, settings.device_map, settings.max_memory
         )
@@ -196,6 +198,10 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     console.print(f"placed on {', '.join(placed_devices(model))}", highlight=False)
     if settings.chat and not getattr(tokenizer, "chat_template", None):
         raise FP4KVError(f"{settings.model} has no chat template; drop --chat to use the few-shot prompt")
+    # Only now, with every input checked and the model loaded, does the run folder appear.
+    plan.run_dir = prepare_run_dir(
+        settings.out, plan.run_dir.name, _config_record(settings), settings.resume
+    )
     neutral_generation_defaults(model)
     prompts = _prompts(settings, plan, tokenizer)
     prompt_ids = _encode(tokenizer, prompts, settings.chat)
@@ -262,6 +268,7 @@ def _plan(settings: EvalSettings) -> _Plan:
         raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
     config = load_config_dict(settings.model)
+    check_causal_lm(config, settings.model)
     shape = KVShape.from_config(config)
     scales_file = k_offsets = None
     if settings.scales is not None:
@@ -275,7 +282,12 @@ def _plan(settings: EvalSettings) -> _Plan:
         method.check_head_dim(shape.head_dim)
     questions = load_gsm8k("test", settings.data)[: settings.limit]
     train = load_gsm8k("train")
-    run_dir = prepare_run_dir(
+    if not settings.chat and settings.num_fewshot > len(train):
+        raise FP4KVError(
+            f"--num-fewshot {settings.num_fewshot} is more than the {len(train)} GSM8K train examples; "
+            "pass at most that (lm-eval uses 5)"
+        )
+    run_dir = check_run_dir(
         settings.out,
         settings.run_name or default_run_name(settings.model),
         _config_record(settings),

@@ -87,6 +87,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise FP4KVError(f"{path} is not a JSON text file (binary content); pass a .json file") from None
     except (OSError, json.JSONDecodeError) as err:
         raise FP4KVError(f"cannot read {path}: {err}") from None
     if not isinstance(data, dict):

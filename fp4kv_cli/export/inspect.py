@@ -42,6 +42,16 @@ def inspect_path(path: Path) -> dict[str, Any]:
         if not is_checkpoint(path):
             raise FP4KVError(f"{path} has no config.json; pass a model folder, scales.json or fp4kv sidecar")
         return _inspect_checkpoint(load_checkpoint(path))
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        raise FP4KVError(
+            f"{path} is a weights file; pass the model folder that holds it (inspect reads its config.json "
+            "and every shard)"
+        )
+    if path.suffix == ".gguf":
+        raise FP4KVError(
+            f"{path} is a GGUF file, which carries no KV scales engines read; inspect a Hugging Face model "
+            "folder, scales.json or fp4kv sidecar (fp4kv convert makes a folder of a .gguf)"
+        )
     data = read_json(path)
     if data is None:
         raise FP4KVError(f"{path} does not exist; pass a model folder, scales.json or fp4kv sidecar")
