@@ -269,8 +269,8 @@ def test_cli_bad_inputs(tiny_llama_dir: Path, jsonl: Path, tmp_path: Path) -> No
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     cases = [
-        (["--model", str(tmp_path / "nope")], data, "not a model folder"),
-        (["--model", str(tmp_path / "t5")], data, "not a decoder LLM"),
+        (["--model", str(tmp_path / "nope")], data, "does not exist"),
+        (["--model", str(tmp_path / "t5")], data, "(an encoder-decoder); pass a decoder LLM"),
         (model, ["--dataset", str(empty)], "is empty"),
         (model, [*data, "--text-field", "body"], "has no field 'body'"),
         (model, [*data, "--seq-len", "0"], "--seq-len must be > 0"),

@@ -134,5 +134,5 @@ def test_run_dir_resume_rules(tmp_path: Path) -> None:
         prepare_run_dir(tmp_path, "run", {**config, "limit": 5}, resume=True)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(FP4KVError, match="cannot write to"):
+    with pytest.raises(FP4KVError, match="is not a folder"):
         prepare_run_dir(blocker, "run", config, resume=False)
