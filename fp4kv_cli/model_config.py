@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.validate import GGUF_PARSE_ERRORS, check_gguf_file, gguf_error, hub_kwargs, looks_local, missing_model
+from fp4kv_cli.validate import (
+    GGUF_PARSE_ERRORS,
+    check_gguf_file,
+    gguf_error,
+    hub_kwargs,
+    looks_local,
+    missing_model,
+)
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,16 @@ import torch
 from safetensors import SafetensorError
 
 from fp4kv_cli.atomic import atomic_path
-from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.validate import GGUF_PARSE_ERRORS, check_causal_lm, gguf_error, locate_model
+from fp4kv_cli.errors import FP4KVError, is_out_of_memory
+from fp4kv_cli.validate import GGUF_PARSE_ERRORS, check_causal_lm, check_output_path, gguf_error, locate_model
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 DEVICES = ("auto", "cpu", "cuda")
 #: accelerate's placement strategies that ``--device-map`` accepts.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+#: What transformers raises for model files it cannot load (missing, corrupt, cut short).
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,9 +140,11 @@ def load_model_and_tokenizer(
         loaded = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **placement)
     except ImportError as err:  # a quantized checkpoint whose library is missing (compressed-tensors, ...)
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; install the package it names") from None
-    except GGUF_PARSE_ERRORS if "gguf_file" in kwargs else () as err:
-        raise gguf_error(model, err) from None
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError) as err:
+    except (*GGUF_PARSE_ERRORS, OSError, RuntimeError, EOFError, SafetensorError) as err:
+        if "gguf_file" in kwargs and isinstance(err, GGUF_PARSE_ERRORS):
+            raise gguf_error(model, err) from None
+        if is_out_of_memory(err) or not isinstance(err, LOAD_ERRORS):
+            raise
         raise FP4KVError(f"cannot load model {model}: {_first_line(err)}; check the files") from None
     finally:
         if bars_were_on:
@@ -173,6 +177,7 @@ def convert_gguf_to_folder(
         raise FP4KVError(f"{gguf_path} is not a .gguf file; pass a GGUF model file")
     if out_dir.exists() and not overwrite:
         raise FP4KVError(f"{out_dir} already exists; pass --overwrite or another --out")
+    check_output_path(out_dir, "--out", folder=True)
     model, tokenizer = load_model_and_tokenizer(str(gguf_path), device="cpu", dtype=dtype)
     model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model with the marker set
     if hasattr(model.config, "quantization_config"):
@@ -212,9 +217,11 @@ def _load_config(model: str, location: str, kwargs: dict[str, Any]) -> Any:
 
     try:
         return AutoConfig.from_pretrained(location, **kwargs)
-    except GGUF_PARSE_ERRORS if "gguf_file" in kwargs else () as err:
-        raise gguf_error(model, err) from None
-    except (OSError, ValueError, KeyError) as err:
+    except (*GGUF_PARSE_ERRORS, OSError) as err:
+        if "gguf_file" in kwargs and isinstance(err, GGUF_PARSE_ERRORS):
+            raise gguf_error(model, err) from None
+        if not isinstance(err, (OSError, ValueError, KeyError)):
+            raise
         where = (
             "local files" if Path(location).exists()
             else "the local hub cache (the hub is unreachable)" if kwargs.get("local_files_only")

@@ -111,4 +111,6 @@ def status(console: Console, text: str) -> Iterator[None]:
     console.print(f"{text} ...", highlight=False, markup=False, soft_wrap=True)
     start = time.monotonic()
     yield
-    console.print(f"{text}: done in {time.monotonic() - start:.1f} s", highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        f"{text}: done in {time.monotonic() - start:.1f} s", highlight=False, markup=False, soft_wrap=True
+    )

@@ -80,8 +80,7 @@ def gguf_error(path: str | os.PathLike[str], err: BaseException) -> FP4KVError:
     name = "struct.error" if isinstance(err, struct.error) else type(err).__name__
     detail = f"{name}: {lines[0]}" if lines else name
     return FP4KVError(
-        f"cannot read GGUF file {path} ({detail}); the file is truncated or "
-        "corrupt: download it again"
+        f"cannot read GGUF file {path} ({detail}); the file is truncated or corrupt: download it again"
     )
 
 
@@ -118,9 +117,11 @@ def looks_local(model: str) -> bool:
     has more than one ``/`` or other characters no hub id has."""
     return (
         model.startswith((".", "/", "~"))
-        or "/" in model and Path(model.split("/")[0]).is_dir()
+        or "/" in model
+        and Path(model.split("/")[0]).is_dir()
         or model.endswith(LOCAL_SUFFIXES)
-        or os.sep != "/" and os.sep in model
+        or os.sep != "/"
+        and os.sep in model
         or not HUB_ID.match(model)
         or "--" in model
         or ".." in model

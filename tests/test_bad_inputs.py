@@ -44,7 +44,6 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dic
     import gguf
     import numpy as np
 
-
     root = tmp_path_factory.mktemp("bad")
     whole = root / "whole.gguf"
     writer = gguf.GGUFWriter(str(whole), "llama")
@@ -70,9 +69,8 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dic
     for item in tiny_llama_dir.iterdir():
         target = broken / item.name
         target.write_bytes(item.read_bytes()[:300] if item.suffix == ".safetensors" else item.read_bytes())
-    from transformers import BertConfig, BertLMHeadModel
-
     from conftest import SPECIAL_TOKENS, char_tokenizer
+    from transformers import BertConfig, BertLMHeadModel
 
     vocab = len(SPECIAL_TOKENS) + len(set(string.printable))
     bert = BertLMHeadModel(BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
@@ -148,17 +146,40 @@ def test_scales_amax_not_a_number(
     scales = str(files[f"scales-{name}"])
     args = {
         "inspect": ["inspect", scales],
-        "export": ["export-scales", scales, "--model-dir", str(tiny_llama_dir), "--kv-dtype", "fp8",
-                   "--format", "json", "--out", str(tmp_path / "e.json")],  # fmt: skip
-        "eval": ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--scales", scales, "--out", str(tmp_path / "o"),
-                 *FAST],  # fmt: skip
+        "export": [
+            "export-scales",
+            scales,
+            "--model-dir",
+            str(tiny_llama_dir),
+            "--kv-dtype",
+            "fp8",
+            "--format",
+            "json",
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
+        "eval": [
+            "eval",
+            "gsm8k",
+            "--model",
+            str(tiny_llama_dir),
+            "--scales",
+            scales,
+            "--out",
+            str(tmp_path / "o"),
+            *FAST,
+        ],
     }[command]
     _error(args, f"layer 0 k_amax is {shown}, not a number")
     assert not (tmp_path / "o").exists() and not (tmp_path / "e.json").exists()
 
 
-@pytest.mark.parametrize(("suffix", "message"), [(".safetensors", "is a weights file"), (".gguf", "is a GGUF file")])
-def test_inspect_binary_files(files: dict[str, Path], tiny_llama_dir: Path, suffix: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("suffix", "message"), [(".safetensors", "is a weights file"), (".gguf", "is a GGUF file")]
+)
+def test_inspect_binary_files(
+    files: dict[str, Path], tiny_llama_dir: Path, suffix: str, message: str
+) -> None:
     path = tiny_llama_dir / "model.safetensors" if suffix == ".safetensors" else files["whole"]
     _error(["inspect", str(path)], message)
 
@@ -261,14 +282,26 @@ def test_cuda_out_of_memory_names_the_fix(
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 35.00 GiB (GPU 0; 139 GiB total)")
 
     monkeypatch.setattr(eval_runner, "generate_batch", oom)
-    args = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--out", str(tmp_path), "--kv-dtype", "bf16", *FAST]
+    args = [
+        "eval",
+        "gsm8k",
+        "--model",
+        str(tiny_llama_dir),
+        "--out",
+        str(tmp_path),
+        "--kv-dtype",
+        "bf16",
+        *FAST,
+    ]
     output = _error(args, "out of memory (CUDA out of memory. Tried to allocate 35.00 GiB")
     assert "lower --batch-size" in output
 
 
 def test_is_out_of_memory() -> None:
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    )
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
@@ -285,7 +318,9 @@ def test_inspect_exit_code_3_on_hazards(files: dict[str, Path], tmp_path: Path) 
     assert result.exit_code == 3 and "hazard:" in result.output
 
 
-def test_export_choices_are_case_insensitive(files: dict[str, Path], tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_export_choices_are_case_insensitive(
+    files: dict[str, Path], tiny_llama_dir: Path, tmp_path: Path
+) -> None:
     result = cli.invoke(app, ["export-scales", str(files["good"]), "--model-dir", str(tiny_llama_dir),
                               "--kv-dtype", "NVFP4", "--format", "JSON", "--target", "SM100",
                               "--out", str(tmp_path / "e.json")])  # fmt: skip

@@ -3,6 +3,7 @@ mixed-format recipe under a bytes-per-element budget."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,7 @@ from fp4kv_cli.cli.app import (
     err_console,
     guarded,
 )
+from fp4kv_cli.validate import check_output_path
 
 
 @app.command("analyze")
@@ -54,6 +56,10 @@ def analyze(
     """Where --format loses accuracy (teacher-forced KL vs bf16), and a recipe that upgrades the worst tensors."""
     # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
     from fp4kv_cli.analysis.analyze import ANALYSIS_JSON, HEATMAP_PNG, AnalyzeSettings, run_analysis
+
+    check_output_path(Path(out) / ANALYSIS_JSON, "--out")
+    if write_recipe is not None:
+        check_output_path(write_recipe, "--write-recipe")
 
     settings = AnalyzeSettings(
         model=model,

@@ -39,7 +39,13 @@ def kernels(
 ) -> None:
     """Time NVFP4 / BlockFP4 quantize, dequantize, fused store and gather for every backend (CUDA only)."""
     # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
-    from fp4kv_cli.bench.kernels import copy_bandwidth, machine_info, make_setup, run_kernel_bench, write_report
+    from fp4kv_cli.bench.kernels import (
+        copy_bandwidth,
+        machine_info,
+        make_setup,
+        run_kernel_bench,
+        write_report,
+    )
 
     check_output_path(out / "bench_kernels.json", "--out")
     setup = make_setup(min_elements, max_elements, heads, head_dim)

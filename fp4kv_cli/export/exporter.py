@@ -21,7 +21,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.validate import check_output_path
 from fp4kv_cli.export import compressed_tensors, modelopt
 from fp4kv_cli.export.checkpoint import (
     HF_QUANT_CONFIG,
@@ -38,6 +37,7 @@ from fp4kv_cli.export.plan import LayerPlan, consumer_view, plan_layers
 from fp4kv_cli.export.report import build_report, consumer_problems
 from fp4kv_cli.export.source import KVSource, load_source
 from fp4kv_cli.export.writer import FileWriter, WrittenFile, copy_shard_without, write_file, write_folder
+from fp4kv_cli.validate import check_output_path
 
 SCALES_SHARD = "model-fp4kv-kv-scales.safetensors"
 #: Not listed in the index on purpose: SGLang and vLLM Llama/Qwen2 loaders map any
