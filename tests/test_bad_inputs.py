@@ -398,3 +398,16 @@ def test_status_prints_plain_lines_when_not_a_terminal() -> None:
         pass
     assert buffer.getvalue().splitlines()[0] == "loading m ..."
     assert buffer.getvalue().splitlines()[1].startswith("loading m: done in ")
+
+
+def test_inspect_table_holds_every_number_at_80_columns(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fp4kv_cli.cli.app import console
+
+    monkeypatch.setattr(console, "width", 80)
+    result = cli.invoke(app, ["inspect", str(files["good"])])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    for layer in json.loads(files["good"].read_text())["layers"]:
+        assert f"{layer['k_amax'] / 2688:.6g}" in result.output

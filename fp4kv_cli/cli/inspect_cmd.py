@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 
 from fp4kv_cli.cli.app import app, console, guarded
 from fp4kv_cli.validate import check_output_path
@@ -32,7 +33,11 @@ def inspect_cmd(
     if json_out is not None:
         check_output_path(json_out, "--json")
     report = inspect_path(path)
-    console.print(inspect_table(report))
+    table = inspect_table(report)
+    if console.measure(table, options=console.options.update_width(10_000)).maximum > console.width:
+        # No column rules or edge padding: 80 columns hold every number uncut.
+        table.box, table.pad_edge, table.collapse_padding = box.SIMPLE_HEAD, False, True
+    console.print(table)
     if not report["hazards"]:
         console.print("[green]no hazards found[/]")
     for hazard in report["hazards"]:
