@@ -54,6 +54,15 @@ def export_scales_cmd(
     per_head: Annotated[
         bool, typer.Option("--per-head/--per-tensor", help="Per-head scales where the format supports them.")
     ] = True,
+    k_centering: Annotated[
+        str,
+        typer.Option(
+            "--k-centering",
+            help="none: K scales cover raw K; plugin: K scales of centered K + fp4kv's offsets, served by "
+            "the fp4kv vLLM plugin; modelopt: the same in ModelOpt's affine naming (k_proj.k_bias, no "
+            "engine reads it). Needs a scales file from calibrate --center-k.",
+        ),
+    ] = "none",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Export KV scales (ModelOpt, compressed-tensors or a JSON sidecar) and show what engines will use."""
@@ -75,6 +84,7 @@ def export_scales_cmd(
             force_convention=force_convention,
             source_convention=source_convention,
             per_head=per_head,
+            k_centering=k_centering.strip().lower(),
         )
     )
     report = result.report

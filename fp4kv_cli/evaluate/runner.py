@@ -254,18 +254,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
 
 
 def _plan(settings: EvalSettings) -> _Plan:
-    if settings.limit is not None and settings.limit <= 0:
-        raise FP4KVError(f"--limit must be > 0, got {settings.limit}; omit it to use every question")
-    for option, value in (("--batch-size", settings.batch_size), ("--max-new-tokens", settings.max_new_tokens),
-                          ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
-        if value <= 0:
-            raise FP4KVError(f"{option} must be > 0, got {value}")
-    if settings.decode_attention not in DECODE_ATTENTION:
-        raise FP4KVError(
-            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
-        )
-    if settings.num_fewshot < 0:
-        raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
+    _plan_checks(settings)
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
     config = load_config_dict(settings.model)
     check_causal_lm(config, settings.model)
@@ -294,6 +283,22 @@ def _plan(settings: EvalSettings) -> _Plan:
         settings.resume,
     )
     return _Plan(questions, train, shape, scales_file, k_offsets, run_dir)
+
+
+def _plan_checks(settings: EvalSettings) -> None:
+    """The option checks every engine's eval shares (one-line errors before anything is loaded)."""
+    if settings.limit is not None and settings.limit <= 0:
+        raise FP4KVError(f"--limit must be > 0, got {settings.limit}; omit it to use every question")
+    for option, value in (("--batch-size", settings.batch_size), ("--max-new-tokens", settings.max_new_tokens),
+                          ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
+        if value <= 0:
+            raise FP4KVError(f"{option} must be > 0, got {value}")
+    if settings.decode_attention not in DECODE_ATTENTION:
+        raise FP4KVError(
+            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
+        )
+    if settings.num_fewshot < 0:
+        raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
 
 
 def _config_record(settings: EvalSettings) -> dict[str, Any]:

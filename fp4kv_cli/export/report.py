@@ -78,6 +78,8 @@ def _layer(plan: LayerPlan) -> dict[str, Any]:
         "k_scale_per_head": None if plan.k_scale_per_head is None else list(plan.k_scale_per_head),
         "v_scale_per_head": None if plan.v_scale_per_head is None else list(plan.v_scale_per_head),
         "k_amax_centered": plan.k_amax_centered,
+        "k_amax_raw": plan.k_amax_raw,
+        "k_scale_covers": "centered K" if plan.centered else "raw K",
         "k_offset": None if plan.k_offset is None else [list(row) for row in plan.k_offset],
     }
 
