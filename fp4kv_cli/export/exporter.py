@@ -51,6 +51,9 @@ ST_METADATA = {"format": "pt"}
 #: (``k_proj.k_bias``), which no engine reads today. Both of the latter export K scales of
 #: centered K.
 K_CENTERING = ("none", "plugin", "modelopt")
+#: ``--k-centering modelopt``'s ``k_proj.k_bias`` tensors, also kept out of the index: indexed,
+#: vLLM 0.32 fails to load the checkpoint (its Qwen2/Llama loader maps k_proj.* onto qkv_proj).
+K_BIAS_FILE = "fp4kv-k-bias-modelopt.safetensors"
 
 
 @dataclass(frozen=True)
@@ -313,9 +316,9 @@ def _export_folder(
         tensors = compressed_tensors.scale_tensors(plans, prefix, per_head)
         quant_config = compressed_tensors.quantization_config(ckpt.quantization_config, per_head)
         qkv_quantized = False
-    if request.k_centering == "modelopt":
-        tensors.update(_k_bias_tensors(plans, prefix))
     new_files[SCALES_SHARD] = _tensor_writer(tensors, ST_METADATA)
+    if request.k_centering == "modelopt":
+        new_files[K_BIAS_FILE] = _tensor_writer(_k_bias_tensors(plans, prefix), ST_METADATA)
     if request.k_centering != "modelopt" and any(plan.k_offset is not None for plan in plans):
         new_files[OFFSET_FILE] = _offset_writer(plans, prefix)
     new_files[INDEX_NAME] = _index_writer(ckpt, names, stale, tensors)

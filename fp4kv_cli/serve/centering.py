@@ -80,7 +80,7 @@ def load_offsets(folder: Path, entry: dict[str, Any]) -> Offsets:
         )
     layers = {}
     with safe_open(str(path), framework="pt") as handle:
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
             match = _OFFSET_NAME.search(name)
             if match is not None:
                 layers[int(match[1])] = handle.get_tensor(name).to(torch.float32)

@@ -59,7 +59,9 @@ def install() -> bool:
         _attach(self)
 
     @functools.wraps(original_forward)
-    def forward(self: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+    def forward(
+        self: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+    ):
         offset = getattr(self, BUFFER, None)
         if offset is not None and key is not None:
             key = center_key(key, offset)
@@ -85,8 +87,10 @@ def _attach(layer: Any) -> None:
     name = str(getattr(layer, "layer_name", ""))
     index = layer_index(name)
     if index is None:
-        raise CenteringError(f"fp4kv: cannot tell the decoder layer of attention module {name!r}; "
-                             "K centering supports models whose layers are named layers.N")  # fmt: skip
+        raise CenteringError(
+            f"fp4kv: cannot tell the decoder layer of attention module {name!r}; "
+            "K centering supports models whose layers are named layers.N"
+        )
     offset = offsets.layers[index]
     if layer.head_size != offset.shape[1]:
         raise CenteringError(
