@@ -164,3 +164,25 @@ def test_center_key_and_rank_heads() -> None:
     assert centering.rank_heads(2, 1, 3, 4) == [1]
     assert centering.layer_index("model.layers.12.self_attn.attn") == 12
     assert centering.layer_index("lm_head") is None
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--engine", "sglang"], "--engine must be fp4kv or vllm"),
+        (["--engine", "vllm", "--vllm-kv-dtype", "nvfp4"], "--vllm-kv-dtype must be one of"),
+        (["--engine", "vllm", "--scales", "x.json"], "reads KV scales from the checkpoint"),
+        (["--engine", "vllm", "--limit", "0"], "--limit must be > 0"),
+        (["--paired-with", "runs/a"], "--paired-with is for --engine vllm"),
+    ],
+)
+def test_engine_eval_bad_options_fail_in_one_line(llama: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    from typer.testing import CliRunner
+
+    from fp4kv_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["eval", "gsm8k", "-m", str(llama), "--out", str(tmp_path), *args])
+    message = result.stderr.strip()
+    assert result.exit_code == 2 and message.startswith("error:") and "\n" not in message, message
+    assert needle in message, message
+    assert not any(tmp_path.iterdir())

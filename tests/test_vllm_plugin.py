@@ -150,7 +150,10 @@ def runs(folders: dict[str, Path], engine_env: None) -> dict[str, tuple[torch.Te
         "plain-fp8": ("plain", "fp8"),
         "centered-fp8": ("centered", "fp8"),
     }
-    return {name: _run(folders[folder], kv) for name, (folder, kv) in cases.items()}
+    results = {name: _run(folders[folder], kv) for name, (folder, kv) in cases.items()}
+    for name, (logprobs, layers) in results.items():  # the figures of docs/serving.md (pytest -s)
+        print(f"{name}: layers centered {layers}, KL vs bf16 KV {_kl(results['ref'][0], logprobs):.3g}")
+    return results
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
