@@ -141,7 +141,7 @@ def _tp_rank() -> tuple[int, int]:
 def _log(message: str) -> None:
     from vllm.logger import init_logger
 
-    init_logger("fp4kv").info(message)
+    init_logger("vllm.fp4kv").info(message)  # under "vllm": printed by its handlers
 
 
 def centered_layers() -> dict[str, int]:
