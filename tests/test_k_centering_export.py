@@ -176,7 +176,9 @@ def test_center_key_and_rank_heads() -> None:
         (["--paired-with", "runs/a"], "--paired-with is for --engine vllm"),
     ],
 )
-def test_engine_eval_bad_options_fail_in_one_line(llama: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+def test_engine_eval_bad_options_fail_in_one_line(
+    llama: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
     from typer.testing import CliRunner
 
     from fp4kv_cli.cli.app import app

@@ -97,7 +97,10 @@ def gsm8k(
         ),
     ] = "fp4kv",
     vllm_kv_dtype: Annotated[
-        str, typer.Option("--vllm-kv-dtype", help="vLLM kv_cache_dtype with --engine vllm: auto, bfloat16 or fp8.")
+        str,
+        typer.Option(
+            "--vllm-kv-dtype", help="vLLM kv_cache_dtype with --engine vllm: auto, bfloat16 or fp8."
+        ),
     ] = "auto",
     vllm_eager: Annotated[
         bool | None,
@@ -157,7 +160,9 @@ def gsm8k(
         )
         summary = run_gsm8k_vllm(settings, engine_settings, err_console)
     elif paired_with:
-        raise FP4KVError("--paired-with is for --engine vllm runs; compare fp4kv runs with scripts/compare_runs.py")
+        raise FP4KVError(
+            "--paired-with is for --engine vllm runs; compare fp4kv runs with scripts/compare_runs.py"
+        )
     else:
         summary = run_gsm8k(settings, err_console)
     out_console = console if console.is_terminal else Console(width=TABLE_WIDTH)

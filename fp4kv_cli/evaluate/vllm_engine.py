@@ -134,7 +134,9 @@ def _engine(settings: EvalSettings, engine: EngineSettings, console: Console) ->
     ):
         llm = LLM(**kwargs)
     vllm_config = getattr(llm.llm_engine, "vllm_config", None)  # the dtype vLLM resolved "auto" to
-    cache_dtype = str(vllm_config.cache_config.cache_dtype if vllm_config is not None else engine.kv_cache_dtype)
+    cache_dtype = str(
+        vllm_config.cache_config.cache_dtype if vllm_config is not None else engine.kv_cache_dtype
+    )
     info = {
         "vllm_version": vllm.__version__,
         "platform": "cpu" if cpu else "cuda",

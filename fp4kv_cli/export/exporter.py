@@ -113,7 +113,9 @@ def export_scales(request: ExportRequest) -> ExportResult:
         )
     per_head = request.per_head and request.fmt != "modelopt" and _has_per_head(source)
     plans = plan_layers(source, resolution.convention, per_head, centered)
-    warnings = list(resolution.warnings) + _source_warnings(source, request.fmt, per_head, request.k_centering)
+    warnings = list(resolution.warnings) + _source_warnings(
+        source, request.fmt, per_head, request.k_centering
+    )
     model_type = str((config.get("text_config") or config).get("model_type", "unknown"))
     if request.fmt == "json":
         return _export_json(request, model_dir, source, plans, resolution, per_head, model_type, warnings)
@@ -191,7 +193,9 @@ def _source_warnings(source: KVSource, fmt: str, per_head: bool, k_centering: st
 def source_overflow(source: KVSource) -> tuple[int, float]:
     """(layer, ratio) of the largest raw-K amax / centered-K amax of a centered scales source."""
     ratios = [
-        (layer.index, raw / layer.k_amax) for layer, raw in zip(source.layers, source.k_amax_raw) if raw is not None
+        (layer.index, raw / layer.k_amax)
+        for layer, raw in zip(source.layers, source.k_amax_raw)
+        if raw is not None
     ]
     return max(ratios, key=lambda item: item[1])
 
