@@ -13,6 +13,7 @@ from safetensors import safe_open
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.export.exporter import K_BIAS_FILE, OFFSET_FILE, ExportRequest, export_scales
 from fp4kv_cli.export.inspect import inspect_path
+from fp4kv_cli.export.plan import stored
 from fp4kv_cli.quant.scales import amax_to_scale
 from fp4kv_cli.serve import centering
 from tests.engine_loaders.fixtures import save_llama, scales_dict, write_scales
@@ -69,7 +70,7 @@ def test_plugin_export_writes_marker_offsets_and_centered_k_scales(
     scales = _tensors(out / "model-fp4kv-kv-scales.safetensors")
     k0 = scales["model.layers.0.self_attn.k_scale"]
     # K scales of centered K: the per-head centered amax, not amax + |offset|.
-    expected = [amax_to_scale(a, "448") for a in data["layers"][0]["k_amax_per_head"]]
+    expected = [stored(amax_to_scale(a, "448")) for a in data["layers"][0]["k_amax_per_head"]]
     assert k0.flatten().tolist() == pytest.approx(expected, rel=1e-6)
     assert report["k_centering"] == "plugin"
     assert any("OVERFLOWS" in w and "fp4kv plugin" in w for w in report["warnings"])
@@ -109,7 +110,7 @@ def test_modelopt_affine_naming(llama: Path, centered_scales: Path, tmp_path: Pa
     assert not any("k_bias" in name for name in index) and not (out / OFFSET_FILE).exists()
     assert centering.MARKER not in json.loads((out / "config.json").read_text())
     k_scale = _tensors(out / "model-fp4kv-kv-scales.safetensors")["model.layers.1.self_attn.k_proj.k_scale"]
-    assert float(k_scale) == pytest.approx(amax_to_scale(data["layers"][1]["k_amax"], "448"), rel=1e-6)
+    assert float(k_scale) == pytest.approx(stored(amax_to_scale(data["layers"][1]["k_amax"], "448")), rel=1e-6)
     inspected = inspect_path(out)
     assert inspected["k_centering"]["naming"].startswith("modelopt affine")
     assert any("no engine reads it" in h and "OVERFLOWS" in h for h in inspected["hazards"])
