@@ -37,8 +37,8 @@ from fp4kv_cli.export.plan import LayerPlan, consumer_view, plan_layers
 from fp4kv_cli.export.report import build_report, consumer_problems
 from fp4kv_cli.export.source import KVSource, load_source
 from fp4kv_cli.export.writer import FileWriter, WrittenFile, copy_shard_without, write_file, write_folder
-from fp4kv_cli.validate import check_output_path
 from fp4kv_cli.serve import centering
+from fp4kv_cli.validate import check_output_path
 
 SCALES_SHARD = "model-fp4kv-kv-scales.safetensors"
 #: Not listed in the index on purpose: SGLang and vLLM Llama/Qwen2 loaders map any
