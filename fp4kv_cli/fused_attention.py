@@ -130,8 +130,8 @@ def layer_attention(
     None; returns ``[batch, 1, q_heads, head_dim]`` as transformers' attention functions do."""
     kernels = decode_kernels()
     b = layer.buffers
-    k = kernels.KVSource(layer.k_method.name, b.k, b.k_scale, layer.k_scale)
-    v = kernels.KVSource(layer.v_method.name, b.v, b.v_scale, layer.v_scale)
+    k = kernels.KVSource(layer.k_method.layout, b.k, b.k_scale, layer.k_scale)
+    v = kernels.KVSource(layer.v_method.layout, b.v, b.v_scale, layer.v_scale)
     out = kernels.decode_attention(
         query[:, :, 0], k, v, layer.read_length, layer.capacity, token_mask, scaling
     )
@@ -200,7 +200,7 @@ def _reads(
     of ``head_dim`` on ``device``."""
     kernels = decode_kernels()
     return kernels is not None and all(
-        kernels.can_read(method.name, buffer_dtype, dtype, head_dim, device)
+        kernels.can_read(method.layout, buffer_dtype, dtype, head_dim, device)
         for method, buffer_dtype in formats
     )
 

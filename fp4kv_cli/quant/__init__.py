@@ -11,6 +11,7 @@ from fp4kv_cli.quant.methods import (
     KVCacheMethod,
     LayerScales,
     NVFP4KVMethod,
+    NVFP4Over6KVMethod,
 )
 from fp4kv_cli.quant.registry import (
     FP4_KV_CACHE_QUANT_REGISTRY,
@@ -31,6 +32,7 @@ __all__ = [
     "KVCacheMethod",
     "LayerScales",
     "NVFP4KVMethod",
+    "NVFP4Over6KVMethod",
     "NVFP4KVQuantizeUtil",
     "get_fp4_kv_cache_quant_method",
     "get_kv_cache_method",
