@@ -427,3 +427,20 @@ def test_api_request_reports_files(llama: Path, scales: Path, tmp_path: Path) ->
         and how[SCALES_SHARD] == "new"
     )
     assert result.report["warnings"][0].startswith("per-head amax reduced")
+
+
+def test_4over6_exports_the_nvfp4_checkpoint_with_its_serving_note(
+    scales: Path, llama: Path, tmp_path: Path
+) -> None:
+    """--kv-dtype nvfp4_4over6 writes exactly the nvfp4 export's scale tensors and quant config
+    (the rule is store-time only) and the report says how to serve it (vLLM's flag)."""
+    outs = {}
+    for kv in ("nvfp4", "nvfp4_4over6"):
+        outs[kv] = tmp_path / kv
+        result = run_export(scales, llama, outs[kv], "--format", "modelopt", "--kv-dtype", kv, "--target", "sm100")
+        assert result.exit_code == 0, result.output
+    for name in (SCALES_SHARD, "hf_quant_config.json"):
+        assert (outs["nvfp4"] / name).read_bytes() == (outs["nvfp4_4over6"] / name).read_bytes()
+    report = json.loads((outs["nvfp4_4over6"] / "fp4kv_kv_scales.json").read_text())
+    assert report["kv_dtype"] == "nvfp4"
+    assert any("--kv-cache-dtype nvfp4_4over6" in w for w in report["warnings"])

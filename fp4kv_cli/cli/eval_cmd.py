@@ -33,7 +33,7 @@ def gsm8k(
         str,
         typer.Option(
             "--kv-dtype",
-            help="Comma-separated KV formats: bf16, fp8, nvfp4, blockfp4, and recipe "
+            help="Comma-separated KV formats: bf16, fp8, nvfp4, nvfp4_4over6, blockfp4, and recipe "
             "(the per-layer K/V formats of a --scales file written by fp4kv analyze --write-recipe).",
         ),
     ] = "bf16,nvfp4",

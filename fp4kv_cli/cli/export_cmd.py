@@ -22,7 +22,7 @@ def export_scales_cmd(
         Path, typer.Option("--out", "-o", help="Output model folder (json: output file); must not exist.")
     ],
     kv_dtype: Annotated[
-        str, typer.Option("--kv-dtype", help="KV cache dtype the scales are for: nvfp4 or fp8.")
+        str, typer.Option("--kv-dtype", help="KV cache dtype the scales are for: nvfp4, nvfp4_4over6 or fp8.")
     ],
     fmt: Annotated[str, typer.Option("--format", help="modelopt, compressed-tensors or json.")],
     model_dir: Annotated[

@@ -156,7 +156,7 @@ def parse_kv_dtypes(text: str) -> tuple[str, ...]:
     """``"bf16,nvfp4"`` -> ``("bf16", "nvfp4")``: known formats, lower-cased, duplicates dropped."""
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if not names:
-        raise FP4KVError("--kv-dtype is empty; pass e.g. bf16,fp8,nvfp4,blockfp4")
+        raise FP4KVError("--kv-dtype is empty; pass e.g. bf16,fp8,nvfp4,nvfp4_4over6,blockfp4")
     known = [*KV_CACHE_METHOD_REGISTRY, RECIPE]
     for name in names:
         if name not in known:

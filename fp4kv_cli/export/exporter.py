@@ -84,6 +84,17 @@ class ExportResult:
     files: list[WrittenFile]
 
 
+#: KV dtypes that write another one's checkpoint layout, and what serving them takes.
+WRITER_VARIANTS = {
+    "nvfp4_4over6": (
+        "nvfp4",
+        "nvfp4_4over6 is a store-time rule on the nvfp4 layout: the checkpoint is nvfp4's; serve it with "
+        "vLLM --kv-cache-dtype nvfp4_4over6 (vLLM's SM100 trtllm-gen path; its FA2 path on sm80/sm90/sm120 "
+        "takes only nvfp4); SGLang and TensorRT-LLM have no 4-over-6 writer and store max->6",
+    ),
+}
+
+
 def export_scales(request: ExportRequest) -> ExportResult:
     """Validate, plan and write one export; raises :class:`FP4KVError` on bad input.
 
@@ -93,6 +104,8 @@ def export_scales(request: ExportRequest) -> ExportResult:
     request = _normalized(request)
     check_choice(request.fmt, FORMATS, "--format")
     check_output_path(request.out, "--out", folder=request.fmt != "json")
+    layout, note = WRITER_VARIANTS.get(request.kv_dtype, (request.kv_dtype, None))
+    request = replace(request, kv_dtype=layout)
     resolution = resolve(
         request.kv_dtype, request.convention, request.engine, request.target, request.force_convention
     )
@@ -116,6 +129,8 @@ def export_scales(request: ExportRequest) -> ExportResult:
     warnings = list(resolution.warnings) + _source_warnings(
         source, request.fmt, per_head, request.k_centering
     )
+    if note is not None:
+        warnings.append(note)
     model_type = str((config.get("text_config") or config).get("model_type", "unknown"))
     if request.fmt == "json":
         return _export_json(request, model_dir, source, plans, resolution, per_head, model_type, warnings)
