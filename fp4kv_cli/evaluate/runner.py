@@ -52,13 +52,12 @@ from fp4kv_cli.models import (
 )
 from fp4kv_cli.progress import count_progress, status
 from fp4kv_cli.quant.backend import get_backend
-from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod, LayerScales
+from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod
 from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY, get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
+from fp4kv_cli.quant.storage import REFERENCE, KVStorage, kv_method
 from fp4kv_cli.validate import check_causal_lm
 
-#: The format every other one is compared with (fidelity reference, paired accuracy difference).
-REFERENCE = "bf16"
 #: KV dtype name for the per-layer formats of the scales file.
 RECIPE = "recipe"
 #: How decode steps read the cache: the fused kernel (where it runs), the same in static-shape
@@ -66,65 +65,6 @@ RECIPE = "recipe"
 DECODE_ATTENTION = ("graph", "fused", "gather")
 #: The decode read of sample records and runs from before ``--decode-attention`` existed.
 OLD_DECODE_ATTENTION = RESUME_KEY_DEFAULTS["decode_attention"]
-
-
-@dataclass(frozen=True)
-class RecipeSpec:
-    """Per-layer K/V methods and their 0-dim float32 scales (None: dynamic or no scale)."""
-
-    k_methods: list[KVCacheMethod]
-    v_methods: list[KVCacheMethod]
-    k_scales: list[torch.Tensor | None]
-    v_scales: list[torch.Tensor | None]
-
-    @classmethod
-    def from_methods(
-        cls,
-        k_methods: Sequence[KVCacheMethod],
-        v_methods: Sequence[KVCacheMethod],
-        k_amax: Sequence[float] | None,
-        v_amax: Sequence[float] | None,
-        device: torch.device | str,
-    ) -> RecipeSpec:
-        """Each layer's scales from its own K / V method's ``scale_from_amax`` of that layer's
-        amax (all None, i.e. dynamic, when no amax is given)."""
-        k_scales: list[torch.Tensor | None] = []
-        v_scales: list[torch.Tensor | None] = []
-        for layer, (k_method, v_method) in enumerate(zip(k_methods, v_methods)):
-            if k_amax is None or v_amax is None:
-                k_scales.append(None)
-                v_scales.append(None)
-                continue
-            k_scale = k_method.scale_from_amax(k_amax[layer])
-            v_scale = v_method.scale_from_amax(v_amax[layer])
-            k_scales.append(None if k_scale is None else k_scale.to(device))
-            v_scales.append(None if v_scale is None else v_scale.to(device))
-        return cls(list(k_methods), list(v_methods), k_scales, v_scales)
-
-    def cache(self, config: Any, k_offsets: torch.Tensor | None, capacity_hint: int) -> QuantKVCache:
-        """A fresh cache of this recipe for a transformers model ``config``."""
-        return QuantKVCache.from_recipe(
-            config, self.k_methods, self.v_methods, self.k_scales, self.v_scales, k_offsets, capacity_hint
-        )
-
-
-def kv_method(name: str, dtype: torch.dtype) -> KVCacheMethod:
-    """The method of format ``name``; unquantized storage uses the model's ``dtype``."""
-    return BF16KVMethod(dtype) if name == REFERENCE else get_kv_cache_method(name)
-
-
-def recipe_spec(
-    k_formats: Sequence[str],
-    v_formats: Sequence[str],
-    k_amax: Sequence[float] | None,
-    v_amax: Sequence[float] | None,
-    dtype: torch.dtype,
-    device: torch.device | str,
-) -> RecipeSpec:
-    """Methods of the per-layer format names with scales as :meth:`RecipeSpec.from_methods`."""
-    k_methods = [kv_method(name, dtype) for name in k_formats]
-    v_methods = [kv_method(name, dtype) for name in v_formats]
-    return RecipeSpec.from_methods(k_methods, v_methods, k_amax, v_amax, device)
 
 
 @dataclass(frozen=True)
@@ -345,28 +285,22 @@ def cache_factory(
     """``make_cache(kv, capacity_hint)``: a fresh cache of KV dtype ``kv`` (one of ``kv_dtypes``,
     or the ``bf16`` reference) for a transformers model ``config``, as ``fp4kv eval gsm8k`` runs it.
 
-    Scales are calibrated from ``scales_file`` where given (dynamic otherwise), ``recipe`` runs the
-    file's per-layer formats, and every format but the reference stores K minus ``k_offsets``
-    (from :func:`load_scales_for`). Scales and offsets move to ``device`` once, here.
+    Each KV dtype's :class:`KVStorage` is built once here by :meth:`KVStorage.from_scales`
+    (scales calibrated from ``scales_file`` where given, dynamic otherwise; ``recipe`` runs the
+    file's per-layer formats; every format but the reference stores K minus ``k_offsets`` (from
+    :func:`load_scales_for`), rotated when the file records a ``k_rotation``), on ``device``.
     """
-    methods = _methods(kv_dtypes, dtype)
-    scales = {kv: _scales(method, scales_file, device) for kv, method in methods.items()}
-    offsets = None if k_offsets is None else k_offsets.to(device)
-    recipe = _recipe(scales_file, dtype, device) if RECIPE in kv_dtypes else None
+    num_layers = config.get_text_config(decoder=True).num_hidden_layers
+    storages = {
+        kv: KVStorage.from_scales(kv, num_layers, scales_file, k_offsets, lambda name: kv_method(name, dtype))
+        for kv in dict.fromkeys([REFERENCE, *kv_dtypes])
+    }
+    storages = {kv: storage.to(device) for kv, storage in storages.items()}
 
     def make_cache(kv: str, capacity_hint: int) -> QuantKVCache:
-        kv_offsets = None if kv == REFERENCE else offsets
-        if kv == RECIPE:
-            return recipe.cache(config, kv_offsets, capacity_hint)
-        return QuantKVCache.for_model(config, methods[kv], scales[kv], kv_offsets, capacity_hint)
+        return QuantKVCache.from_storage(config, storages[kv], capacity_hint)
 
     return make_cache
-
-
-def _recipe(scales_file: ScalesFile | None, dtype: torch.dtype, device: torch.device | str) -> RecipeSpec:
-    """The recipe of ``scales_file`` with its calibrated scales."""
-    k_formats, v_formats = _recipe_formats(scales_file)
-    return recipe_spec(k_formats, v_formats, scales_file.k_amax(), scales_file.v_amax(), dtype, device)
 
 
 def _recipe_formats(scales_file: ScalesFile | None) -> tuple[list[str], list[str]]:
@@ -379,23 +313,6 @@ def _recipe_formats(scales_file: ScalesFile | None) -> tuple[list[str], list[str
             "write one with fp4kv analyze --write-recipe"
         )
     return recipe
-
-
-def _methods(kv_dtypes: Sequence[str], dtype: torch.dtype) -> dict[str, KVCacheMethod]:
-    """One method per format (the recipe excepted), plus the reference; unquantized storage uses
-    the model's dtype."""
-    names = dict.fromkeys([REFERENCE, *kv_dtypes])
-    return {kv: kv_method(kv, dtype) for kv in names if kv != RECIPE}
-
-
-def _scales(
-    method: KVCacheMethod, scales_file: ScalesFile | None, device: torch.device | str
-) -> LayerScales | None:
-    """The method's calibrated per-layer scales, on ``device`` once for every batch's cache."""
-    if scales_file is None or not method.uses_tensor_scale:
-        return None
-    scales = method.load_scales(scales_file)
-    return LayerScales(k=scales.k.to(device), v=scales.v.to(device))
 
 
 def _prompts(settings: EvalSettings, plan: _Plan, tokenizer: Any) -> list[str]:
@@ -563,6 +480,7 @@ def _summary(
         results[kv] = {
             "scale_source": _scale_source(kv, plan.scales_file),
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
+            "qk_rotation": _rotation_block(kv, plan.scales_file),
             "accuracy": {key: accuracy(values).to_dict() for key, values in flags.items()},
             "vs_bf16": paired,
             "new_tokens": new_tokens,
@@ -604,6 +522,12 @@ def _summary(
         },
         "results": results,
     }
+
+
+def _rotation_block(kv: str, scales_file: ScalesFile | None) -> int | None:
+    """The Hadamard block of the Q/K rotation format ``kv`` ran with (None: not rotated)."""
+    rotation = None if scales_file is None or kv == REFERENCE else scales_file.rotation()
+    return None if rotation is None else rotation.block
 
 
 def _scale_source(kv: str, scales_file: ScalesFile | None) -> str:
