@@ -194,6 +194,12 @@ def _source_warnings(source: KVSource, fmt: str, per_head: bool, k_centering: st
     if _has_per_head(source) and not per_head:
         why = "modelopt stores one scale per layer" if fmt == "modelopt" else "--per-tensor"
         warnings.append(f"per-head amax reduced to the per-tensor max ({why})")
+    if source.rotation is not None:
+        warnings.append(
+            f"K amax are of Hadamard-rotated K (blocks of {source.rotation.block}): serve with an engine that "
+            f"rotates Q and K after RoPE (SGLang --qkrot-block {source.rotation.block}); one that does not "
+            "gets K scales sized for rotated K (see qk_rotation)"
+        )
     if k_centering != "none":
         warnings.append(centering_hazard(source_overflow(source), k_centering))
     elif any(raw is not None for raw in source.k_amax_raw):

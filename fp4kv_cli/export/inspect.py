@@ -20,7 +20,8 @@ from fp4kv_cli.export.checkpoint import (
     read_json,
 )
 from fp4kv_cli.export.conventions import consumers_for
-from fp4kv_cli.export.report import SIDECAR_SCHEMA
+from fp4kv_cli.export.report import SIDECAR_SCHEMA, rotation_serving
+from fp4kv_cli.export.source import sidecar_rotation
 from fp4kv_cli.quant.scales import (
     CONVENTION_DIVISORS,
     SCALES_SCHEMA,
@@ -87,14 +88,28 @@ def _inspect_scales(data: dict[str, Any], path: Path) -> dict[str, Any]:
         hazards.append(
             "k_offset present: k_amax is the amax of K - k_offset; export makes K scales cover raw K"
         )
+    rotation = rotation_serving(scales.rotation(), data.get("model", {}).get("head_dim"))
+    hazards += _rotation_hazards(rotation)
     return {
         "kind": "scales",
         "path": str(path),
         "convention": None,
         "basis": "a scales.json holds amax, not scales; both conventions shown",
         "layers": layers,
+        "qk_rotation": rotation,
         "hazards": hazards,
     }
+
+
+def _rotation_hazards(rotation: dict[str, Any] | None) -> list[str]:
+    if rotation is None:
+        return []
+    return [
+        f"K stored Hadamard-rotated (blocks of {rotation['block']}): the engine must rotate Q and K after "
+        f"RoPE ({rotation['sglang']} in SGLang"
+        + (f"; ModelOpt {rotation['modelopt']}" if rotation["modelopt"] else "")
+        + "); K amax are of rotated K"
+    ]
 
 
 def _inspect_sidecar(data: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -117,11 +132,16 @@ def _inspect_sidecar(data: dict[str, Any], path: Path) -> dict[str, Any]:
         )
     hazards = _implausible([(row["index"], row["k_amax"], row["v_amax"]) for row in layers], convention)
     hazards += _consumer_hazards(data.get("kv_dtype"), convention)
+    rotation = data.get("qk_rotation")
+    if rotation is not None:
+        sidecar_rotation(data)  # malformed entries fail here, in one line
+    hazards += _rotation_hazards(rotation)
     return {
         "kind": "sidecar",
         "path": str(path),
         "convention": convention,
         "kv_dtype": data.get("kv_dtype"),
+        "qk_rotation": rotation,
         "basis": f"fp4kv sidecar says {convention}",
         "layers": layers,
         "hazards": hazards,
@@ -173,7 +193,9 @@ def _inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
             if t.key.role not in ("k", "v", "kv") or not t.indexed
         ],
         "k_centering": _k_centering(ckpt),
-        "hazards": _checkpoint_hazards(ckpt, layers),
+        "qk_rotation": None if ckpt.sidecar is None else ckpt.sidecar.get("qk_rotation"),
+        "hazards": _checkpoint_hazards(ckpt, layers)
+        + _rotation_hazards(None if ckpt.sidecar is None else ckpt.sidecar.get("qk_rotation")),
     }
 
 
