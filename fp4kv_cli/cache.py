@@ -444,7 +444,10 @@ class QuantKVCache(Cache):
         storage = KVStorage.uniform(method, num_layers, k_offsets=k_offsets, rotation=rotation)
         if scales is not None:
             storage = KVStorage(
-                tuple(replace(layer, k_scale=scales.k[i], v_scale=scales.v[i]) for i, layer in enumerate(storage.layers))
+                tuple(
+                    replace(layer, k_scale=scales.k[i], v_scale=scales.v[i])
+                    for i, layer in enumerate(storage.layers)
+                )
             )
         self._build_layers(storage, capacity_hint)
 

@@ -97,7 +97,9 @@ def main() -> None:
         rules = fidelity(args, args.scales, Path(tmp), "rules", ("nvfp4", "nvfp4_4over6"))
         shipped, candidate = rules["nvfp4"], rules["nvfp4_4over6"]
         clipped = {
-            f"{f:g}": fidelity(args, scaled_scales(args.scales, f, Path(tmp)), Path(tmp), f"amax-x{f:g}")["nvfp4"]
+            f"{f:g}": fidelity(args, scaled_scales(args.scales, f, Path(tmp)), Path(tmp), f"amax-x{f:g}")[
+                "nvfp4"
+            ]
             for f in factors
         }
     table = Table(title=f"NVFP4 writer choices, {args.model}, {args.samples} GSM8K test prompts + answers")

@@ -437,7 +437,9 @@ def test_4over6_exports_the_nvfp4_checkpoint_with_its_serving_note(
     outs = {}
     for kv in ("nvfp4", "nvfp4_4over6"):
         outs[kv] = tmp_path / kv
-        result = run_export(scales, llama, outs[kv], "--format", "modelopt", "--kv-dtype", kv, "--target", "sm100")
+        result = run_export(
+            scales, llama, outs[kv], "--format", "modelopt", "--kv-dtype", kv, "--target", "sm100"
+        )
         assert result.exit_code == 0, result.output
     for name in (SCALES_SHARD, "hf_quant_config.json"):
         assert (outs["nvfp4"] / name).read_bytes() == (outs["nvfp4_4over6"] / name).read_bytes()
@@ -446,7 +448,9 @@ def test_4over6_exports_the_nvfp4_checkpoint_with_its_serving_note(
     assert any("--kv-cache-dtype nvfp4_4over6" in w for w in report["warnings"])
 
 
-def test_rotation_is_exported_for_sglang_and_modelopt_and_inspect_reads_it(llama: Path, tmp_path: Path) -> None:
+def test_rotation_is_exported_for_sglang_and_modelopt_and_inspect_reads_it(
+    llama: Path, tmp_path: Path
+) -> None:
     """A scales file calibrated with --qk-rotation: the export's report names SGLang's flag (and
     ModelOpt's rotate config when the block is the whole head), warns that the K scales are of
     rotated K, and inspect reads the rotation back from the scales file, the sidecar and the folder."""
@@ -455,7 +459,9 @@ def test_rotation_is_exported_for_sglang_and_modelopt_and_inspect_reads_it(llama
         data["k_rotation"] = {"kind": "hadamard", "block": block}
         source = write_scales(tmp_path / f"rot{block}.json", data)
         out = tmp_path / f"out{block}"
-        result = run_export(source, llama, out, "--format", "modelopt", "--kv-dtype", "nvfp4", "--target", "sm100")
+        result = run_export(
+            source, llama, out, "--format", "modelopt", "--kv-dtype", "nvfp4", "--target", "sm100"
+        )
         assert result.exit_code == 0, result.output
         report = json.loads((out / "fp4kv_kv_scales.json").read_text())
         rotation = report["qk_rotation"]

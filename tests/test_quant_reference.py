@@ -267,8 +267,9 @@ def test_4over6_reads_as_nvfp4_and_lowers_the_error() -> None:
     assert 0.05 < taken.float().mean() < 0.95
     assert float(block_err(chosen).sum()) < 0.95 * float(block_err(shipped).sum())
     kept = ~taken  # blocks that kept the 6 scale also kept nvfp4's codes
-    codes = lambda b: unpack_nibbles(b[0]).reshape(64, -1, 16)  # noqa: E731
-    assert torch.equal(codes(chosen_bytes)[kept], codes(shipped_bytes)[kept])
+    chosen_codes = unpack_nibbles(chosen_bytes[0]).reshape(64, -1, 16)
+    shipped_codes = unpack_nibbles(shipped_bytes[0]).reshape(64, -1, 16)
+    assert torch.equal(chosen_codes[kept], shipped_codes[kept])
 
 
 def _one_block(values: list[float], g: float = 1.0) -> tuple[int, int, int]:

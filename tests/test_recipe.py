@@ -27,7 +27,9 @@ CONFIG = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4
 cli = CliRunner()
 
 
-def _storage(k_methods: list, v_methods: list, k_scales: list | None = None, v_scales: list | None = None) -> KVStorage:
+def _storage(
+    k_methods: list, v_methods: list, k_scales: list | None = None, v_scales: list | None = None
+) -> KVStorage:
     k_scales = k_scales or [None] * len(k_methods)
     v_scales = v_scales or [None] * len(k_methods)
     return KVStorage(tuple(LayerStorage(*layer) for layer in zip(k_methods, v_methods, k_scales, v_scales)))
@@ -46,7 +48,9 @@ def test_mixed_cache_holds_each_formats_reference_bytes_and_accounts_them() -> N
     nvfp4, fp8, blockfp4 = (get_kv_cache_method(n) for n in ("nvfp4", "fp8", "blockfp4"))
     bf16 = BF16KVMethod(torch.bfloat16)
     k_scale, v_scale = torch.tensor(0.002), torch.tensor(0.02)
-    cache = QuantKVCache.from_storage(CONFIG, _storage([nvfp4, bf16], [fp8, blockfp4], [k_scale, None], [v_scale, None]))
+    cache = QuantKVCache.from_storage(
+        CONFIG, _storage([nvfp4, bf16], [fp8, blockfp4], [k_scale, None], [v_scale, None])
+    )
     g = torch.Generator().manual_seed(0)
     kv = [(torch.randn(B, H, 5, D, generator=g), 3 * torch.randn(B, H, 5, D, generator=g)) for _ in range(2)]
     step = [(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)) for _ in range(2)]
@@ -79,7 +83,9 @@ def test_mixed_cache_holds_each_formats_reference_bytes_and_accounts_them() -> N
 
 def test_dynamic_scales_are_per_tensor_and_survive_reset() -> None:
     nvfp4, bf16 = get_kv_cache_method("nvfp4"), BF16KVMethod(torch.float32)
-    cache = QuantKVCache.from_storage(CONFIG, _storage([nvfp4, bf16], [bf16, nvfp4], None, [None, torch.tensor(0.5)]))
+    cache = QuantKVCache.from_storage(
+        CONFIG, _storage([nvfp4, bf16], [bf16, nvfp4], None, [None, torch.tensor(0.5)])
+    )
     k, v = torch.randn(B, H, 4, D), 2 * torch.randn(B, H, 4, D)
     for layer in range(2):
         cache.update(k, v, layer)
@@ -102,9 +108,14 @@ def test_storage_takes_each_layers_scale_from_its_own_method() -> None:
     methods = [kv_method(name, torch.float32) for name in ("nvfp4", "bf16", "fp8", "blockfp4")]
     storage = KVStorage.build(methods[:2], methods[2:], [2.0, 3.0], [4.0, 5.0])
     first, second = storage.layers
-    assert float(first.k_scale) == pytest.approx(2.0 / 2688) and float(first.v_scale) == pytest.approx(4 / 448)
+    assert float(first.k_scale) == pytest.approx(2.0 / 2688) and float(first.v_scale) == pytest.approx(
+        4 / 448
+    )
     assert second.k_scale is None and second.v_scale is None
-    assert [layer.label for layer in storage.layers] == ["nvfp4/fp8", "bf16/blockfp4"]
+    assert [(layer.k_method.name, layer.v_method.name) for layer in storage.layers] == [
+        ("nvfp4", "fp8"),
+        ("bf16", "blockfp4"),
+    ]
 
 
 def test_cache_factory_builds_each_kv_dtype_as_the_eval_does() -> None:
@@ -143,7 +154,8 @@ def test_scales_file_recipe_parsing() -> None:
 def test_parse_kv_dtypes_knows_recipe() -> None:
     assert parse_kv_dtypes("bf16, Recipe,bf16") == ("bf16", "recipe")
     with pytest.raises(
-        FP4KVError, match="unknown KV cache dtype 'mxfp4'; known: bf16, fp8, nvfp4, nvfp4_4over6, blockfp4, recipe"
+        FP4KVError,
+        match="unknown KV cache dtype 'mxfp4'; known: bf16, fp8, nvfp4, nvfp4_4over6, blockfp4, recipe",
     ):
         parse_kv_dtypes("bf16,mxfp4")
 

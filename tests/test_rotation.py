@@ -30,14 +30,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("size", [2, 4, 16, 64, 128])
 def test_hadamard_is_the_normalized_sylvester_matrix_and_its_own_inverse(size: int) -> None:
     h = hadamard_matrix(size).double()
-    signs = torch.tensor([[(-1) ** bin(i & j).count("1") for j in range(size)] for i in range(size)])
+    signs = torch.tensor([[(-1) ** (i & j).bit_count() for j in range(size)] for i in range(size)])
     assert torch.equal(torch.sign(h), signs.double())  # Sylvester order
     assert torch.equal(h.abs(), torch.full_like(h, size**-0.5).float().double())  # +-1/sqrt(n) in fp32
     assert torch.equal(h, h.T)
     torch.testing.assert_close(h @ h, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-6)
     if size > 2:  # Sylvester: H_2n = [[H, H], [H, -H]] / sqrt(2)
         half = hadamard_matrix(size // 2).double()
-        torch.testing.assert_close(h, torch.cat([torch.cat([half, half], 1), torch.cat([half, -half], 1)]) / 2**0.5)
+        torch.testing.assert_close(
+            h, torch.cat([torch.cat([half, half], 1), torch.cat([half, -half], 1)]) / 2**0.5
+        )
 
 
 def test_block_rotation_is_block_diagonal_keeps_scores_and_undoes_itself() -> None:
@@ -79,7 +81,7 @@ def test_cache_stores_rotated_centered_k_and_reads_it_back_unrotated() -> None:
     storage = KVStorage((LayerStorage(method, method, g, g, offsets[0], rotation),))
     cache = QuantKVCache.from_storage(_config(1, h, d), storage)
     cache.update(k, v, 0)
-    read_k, read_v = cache.update(k[:, :, :1], v[:, :, :1], 0)  # a decode step reads every slot
+    read_k, _ = cache.update(k[:, :, :1], v[:, :, :1], 0)  # a decode step reads every slot
     layer = cache.layers[0]
     rows = (k - offsets[0][:, None]).transpose(1, 2).reshape(-1, h, d)
     want_k = reference.nvfp4_quantize_reference(rotation.apply(rows).reshape(-1, d), g)
@@ -90,7 +92,9 @@ def test_cache_stores_rotated_centered_k_and_reads_it_back_unrotated() -> None:
     decoded = reference.nvfp4_dequantize_reference(*want_k, g, torch.float32).reshape(b, t, h, d)
     unrotated = rotation.apply(decoded).transpose(1, 2)
     torch.testing.assert_close(read_k[:, :, :t], unrotated, rtol=0, atol=0)
-    assert (read_k[:, :, :t] - (k - offsets[0][:, None])).abs().max() < 0.5 * (k - offsets[0][:, None]).abs().max()
+    assert (read_k[:, :, :t] - (k - offsets[0][:, None])).abs().max() < 0.5 * (
+        k - offsets[0][:, None]
+    ).abs().max()
 
 
 def test_lossless_rotation_leaves_the_models_scores_unchanged(tiny_qwen2_dir: Path) -> None:
@@ -119,7 +123,9 @@ def test_lossless_rotation_leaves_the_models_scores_unchanged(tiny_qwen2_dir: Pa
         torch.testing.assert_close(logits(QKRotation(block)), plain, rtol=0, atol=2e-5)
 
 
-def test_fused_read_rotates_the_query(interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_read_rotates_the_query(
+    interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """layer_attention over a rotated layer equals attention of the unrotated query over the
     gather read (K rotated back), for blocks of 16 and the full head."""
     monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)

@@ -88,9 +88,11 @@ class ExportResult:
 WRITER_VARIANTS = {
     "nvfp4_4over6": (
         "nvfp4",
-        "nvfp4_4over6 is a store-time rule on the nvfp4 layout: the checkpoint is nvfp4's; serve it with "
-        "vLLM --kv-cache-dtype nvfp4_4over6 (vLLM's SM100 trtllm-gen path; its FA2 path on sm80/sm90/sm120 "
-        "takes only nvfp4); SGLang and TensorRT-LLM have no 4-over-6 writer and store max->6",
+        (
+            "nvfp4_4over6 is a store-time rule on the nvfp4 layout: the checkpoint is nvfp4's; serve it with "
+            "vLLM --kv-cache-dtype nvfp4_4over6 (vLLM's SM100 trtllm-gen path; its FA2 path on "
+            "sm80/sm90/sm120 takes only nvfp4); SGLang and TensorRT-LLM have no 4-over-6 writer and store max->6"
+        ),
     ),
 }
 

@@ -32,8 +32,8 @@ __all__ = [
     "KVCacheMethod",
     "LayerScales",
     "NVFP4KVMethod",
-    "NVFP4Over6KVMethod",
     "NVFP4KVQuantizeUtil",
+    "NVFP4Over6KVMethod",
     "get_fp4_kv_cache_quant_method",
     "get_kv_cache_method",
 ]

@@ -60,7 +60,9 @@ class QKRotation:
         try:
             return cls(int(value))
         except ValueError:
-            raise FP4KVError(f"--qk-rotation must be a block size (e.g. 16) or head_dim, got {text!r}") from None
+            raise FP4KVError(
+                f"--qk-rotation must be a block size (e.g. 16) or head_dim, got {text!r}"
+            ) from None
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise :class:`FP4KVError` unless the blocks tile ``head_dim``."""
@@ -86,7 +88,11 @@ class QKRotation:
         """Inverse of :meth:`to_dict` (None for a missing / null entry)."""
         if data is None:
             return None
-        if not isinstance(data, dict) or data.get("kind") != HADAMARD or not isinstance(data.get("block"), int):
+        if (
+            not isinstance(data, dict)
+            or data.get("kind") != HADAMARD
+            or not isinstance(data.get("block"), int)
+        ):
             raise FP4KVError(
                 f"{what} is {data!r}; expected {{'kind': 'hadamard', 'block': int}} (fp4kv calibrate --qk-rotation)"
             )

@@ -36,16 +36,6 @@ class LayerStorage:
     k_offset: torch.Tensor | None = None
     rotation: QKRotation | None = None
 
-    @property
-    def label(self) -> str:
-        """``k_format/v_format`` with ``+center`` / ``+rot<block>`` where they apply."""
-        name = self.k_method.name if self.k_method.name == self.v_method.name else (
-            f"{self.k_method.name}/{self.v_method.name}"
-        )
-        return name + ("+center" if self.k_offset is not None else "") + (
-            f"+rot{self.rotation.block}" if self.rotation is not None else ""
-        )
-
 
 @dataclass(frozen=True)
 class KVStorage:
@@ -58,12 +48,6 @@ class KVStorage:
         """Layers described."""
         return len(self.layers)
 
-    @property
-    def rotation(self) -> QKRotation | None:
-        """The rotation of the layers that rotate (one for all; None when none does)."""
-        found = {layer.rotation for layer in self.layers} - {None}
-        return next(iter(found)) if found else None
-
     def to(self, device: torch.device | str) -> KVStorage:
         """The same storage with its scale and offset tensors on ``device`` (moved once here,
         not per cache)."""
@@ -73,7 +57,12 @@ class KVStorage:
 
         return KVStorage(
             tuple(
-                replace(layer, k_scale=move(layer.k_scale), v_scale=move(layer.v_scale), k_offset=move(layer.k_offset))
+                replace(
+                    layer,
+                    k_scale=move(layer.k_scale),
+                    v_scale=move(layer.v_scale),
+                    k_offset=move(layer.k_offset),
+                )
                 for layer in self.layers
             )
         )
@@ -158,7 +147,12 @@ class KVStorage:
         if scales_file is None:
             return cls.build(k_methods, v_methods)
         return cls.build(
-            k_methods, v_methods, scales_file.k_amax(), scales_file.v_amax(), k_offsets, scales_file.rotation()
+            k_methods,
+            v_methods,
+            scales_file.k_amax(),
+            scales_file.v_amax(),
+            k_offsets,
+            scales_file.rotation(),
         )
 
 
