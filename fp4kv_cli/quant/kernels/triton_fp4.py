@@ -1,4 +1,5 @@
-"""Triton kernels for NVFP4 and BlockFP4 (SM80+), bit-exact with :mod:`fp4kv_cli.quant.reference`.
+"""Triton kernels for NVFP4 (and its 4-over-6 writer) and BlockFP4 (SM80+), bit-exact with
+:mod:`fp4kv_cli.quant.reference`.
 
 Every 16-element block is handled as 8 *pairs*: the input is read as 32-bit words (two bf16/fp16
 elements) or 64-bit words (two fp32), the even element in the low half, so one pair becomes one
@@ -15,6 +16,11 @@ arithmetic mirrors the reference step for step:
   and no flush-to-zero can change a byte;
 - the E2M1 code is computed from ``|x| * r`` (``r >= 0``) and takes ``x``'s sign bit, which is the
   reference's ``signbit(x * r)`` wherever ``x * r`` is not NaN (NaN bytes are unspecified).
+
+NVFP4 "4 over 6" (``nvfp4_4over6``, ``FMT`` 2) quantizes each block twice in registers (max
+mapped to 6 and to 4), scores both with the reference's writer error (pair errors added in
+element order, each product and sum rounded: fusion is off) and keeps the 4 candidate only when
+its error is strictly smaller; its bytes decode as NVFP4 (``FMT`` 0 and 2 share the reader).
 
 The global scale ``g`` is a 0-dim float32 device tensor read inside the kernel (no host sync).
 Under ``TRITON_INTERPRET=1`` (CPU tests) fp32 -> bf16 is rounded in integer code, because the
