@@ -58,11 +58,12 @@ class QKRotation:
                 raise FP4KVError("--qk-rotation head_dim needs the model's head_dim")
             return cls(head_dim)
         try:
-            return cls(int(value))
+            block = int(value)
         except ValueError:
             raise FP4KVError(
                 f"--qk-rotation must be a block size (e.g. 16) or head_dim, got {text!r}"
             ) from None
+        return cls(block)
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise :class:`FP4KVError` unless the blocks tile ``head_dim``."""
