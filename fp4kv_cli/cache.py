@@ -5,7 +5,14 @@ methods, laid out ``[batch * capacity, heads, ...]``, slot ``b * capacity + t``)
 prompt and generated, is written through ``method.store`` (K with the layer's K method, V with
 its V method); attention gets the values back through each method's ``dequantize`` of the
 filled slots, as a kernel reading the FP4 buffers would. The methods own the math, the layer
-owns the buffers, the backend only runs ops. Layers (and K vs V) may use different formats:
+owns the buffers, the backend only runs ops.
+
+A token's stored bytes never change once written, so each stored token is dequantized once, into
+the layer's :class:`ReadBuffer` (``[batch, heads, capacity, head_dim]`` of the compute dtype),
+and reads are views of it: a decode step costs one token's dequantize, not the whole prefix's,
+and gives exactly the values re-dequantizing the buffers gives. Whatever changes the meaning of
+stored bytes (a new dynamic scale, crop, reset) or moves them (capacity growth, row selection)
+updates the read buffer with them. Layers (and K vs V) may use different formats:
 see :meth:`QuantKVCache.from_storage`.
 
 Read semantics follow serving engines: a multi-token forward (prefill, or a chunk of a
@@ -44,8 +51,8 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 class _SharedState:
     """State every layer of one cache shares: the prefill token mask and slot indices.
 
-    The slot tensors are memoised by shape so that a decode step computes them once (in the
-    first layer) instead of once per layer.
+    The slot tensor is memoised by shape so that a decode step computes it once (in the first
+    layer) instead of once per layer, and the read of the step's token reuses the write's.
     """
 
     token_mask: torch.Tensor | None = None
@@ -54,7 +61,6 @@ class _SharedState:
     #: owner advances it between steps.
     static_slots: torch.Tensor | None = None
     _write: tuple[tuple[Any, ...], torch.Tensor] | None = None
-    _read: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def write_loc(
         self, batch: int, capacity: int, start: int, length: int, device: torch.device
@@ -66,14 +72,6 @@ class _SharedState:
             self._write = (key, (rows + torch.arange(start, start + length, device=device)).reshape(-1))
         return self._write[1]
 
-    def read_loc(self, batch: int, capacity: int, length: int, device: torch.device) -> torch.Tensor:
-        """Slots ``[batch * length]`` int64 of positions ``0 .. length-1`` of every row, row-major."""
-        key = (batch, capacity, length, device)
-        if self._read is None or self._read[0] != key:
-            rows = torch.arange(batch, device=device).unsqueeze(1) * capacity
-            self._read = (key, (rows + torch.arange(length, device=device)).reshape(-1))
-        return self._read[1]
-
 
 @dataclass
 class _ErrorStats:
@@ -83,6 +81,51 @@ class _ErrorStats:
     k_ref: torch.Tensor
     v_err: torch.Tensor
     v_ref: torch.Tensor
+
+
+class ReadBuffer:
+    """Dequantized K and V ``[batch, heads, capacity, head_dim]`` of one layer, in the compute dtype.
+
+    Positions ``< filled`` of every row hold exactly what the layer's ``dequantize`` of the
+    stored bytes at those slots gives; later positions are scratch (a multi-token forward puts
+    its fresh K/V there to attend without a concatenation). Generic over what a read is: the
+    owner passes the dequantized values in; the buffer only keeps them and says what is valid.
+    """
+
+    def __init__(
+        self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (batch, heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.filled = 0
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put ``k``/``v`` ``[batch, heads, n, head_dim]`` at positions ``start .. start+n-1``."""
+        end = start + k.shape[-2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+
+    def view(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``0 .. length-1``, ``[batch, heads, length, head_dim]`` views."""
+        return self.k[:, :, :length], self.v[:, :, :length]
+
+    def invalidate_from(self, position: int) -> None:
+        """Positions from ``position`` on no longer hold stored tokens' values."""
+        self.filled = min(self.filled, position)
+
+    def grown(self, capacity: int) -> ReadBuffer:
+        """A buffer of ``capacity`` positions holding this one's filled positions."""
+        batch, heads, _, head_dim = self.k.shape
+        out = ReadBuffer(batch, heads, capacity, head_dim, self.k.dtype, self.k.device)
+        out.write(0, *self.view(self.filled))
+        out.filled = self.filled
+        return out
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (in that order, repeats allowed)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
 
 
 @dataclass
@@ -158,6 +201,8 @@ class QuantKVLayer(CacheLayerMixin):
         self.k_offset = k_offset
         self.capacity_hint = capacity_hint
         self.buffers: _Buffers | None = None
+        #: Stored tokens dequantized once (see :class:`ReadBuffer`); None until the first read.
+        self.read_buffer: ReadBuffer | None = None
         self.batch = 0
         self.capacity = 0
         self.length = 0
@@ -223,8 +268,9 @@ class QuantKVLayer(CacheLayerMixin):
         fresh_k = keys.to(self.dtype)
         if start == 0:
             return fresh_k, value_states
-        past_k, past_v = self._read(start)
-        return torch.cat([past_k, fresh_k], dim=-2), torch.cat([past_v, value_states], dim=-2)
+        self._read(start)
+        self.read_buffer.write(start, fresh_k, value_states)  # scratch: past the filled positions
+        return self.read_buffer.view(start + new)
 
     @property
     def static(self) -> bool:
@@ -256,6 +302,7 @@ class QuantKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop the stored tokens (and dynamic scales); buffers are reallocated on the next update."""
         self.buffers = None
+        self.read_buffer = None
         self.length = self.capacity = self.batch = 0
         self.is_initialized = False
         self._fusable = None
@@ -269,6 +316,8 @@ class QuantKVLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         self.length = max(0, self.length + tokens_to_remove)
+        if self.read_buffer is not None:
+            self.read_buffer.invalidate_from(self.length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder batch rows for beam search."""
@@ -337,9 +386,27 @@ class QuantKVLayer(CacheLayerMixin):
             dst.view(self.batch, self.capacity, *dst.shape[1:])[:, :old_capacity] = src.view(
                 self.batch, old_capacity, *src.shape[1:]
             )
+        if self.read_buffer is not None:
+            self.read_buffer = self.read_buffer.grown(self.capacity)
 
     def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = self.shared.read_loc(self.batch, self.capacity, length, self.device)
+        """K and V ``[batch, heads, length, head_dim]`` of the first ``length`` stored tokens:
+        views of the read buffer, after dequantizing the stored tokens it does not hold yet."""
+        if self.read_buffer is None:
+            self.read_buffer = ReadBuffer(
+                self.batch, self.heads, self.capacity, self.head_dim, self.dtype, self.device
+            )
+        rb = self.read_buffer
+        if rb.filled < length:
+            k, v = self._dequantize(rb.filled, length - rb.filled)
+            rb.write(rb.filled, k, v)
+            rb.filled = length
+        return rb.view(length)
+
+    def _dequantize(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[batch, heads, count, head_dim]`` (compute dtype) of positions
+        ``start .. start+count-1`` of every row, dequantized from the stored bytes."""
+        loc = self.shared.write_loc(self.batch, self.capacity, start, count, self.device)
         b = self.buffers
         if self.rotation is None:
             k = self.k_method.dequantize(b.k, b.k_scale, loc, self.k_scale, self.dtype)
@@ -351,7 +418,10 @@ class QuantKVLayer(CacheLayerMixin):
 
     def _set_dynamic_scales(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Per-tensor scales of the dynamic tensors (only those) from the amax of the real
-        (unmasked) prefill tokens; no host sync."""
+        (unmasked) prefill tokens; no host sync. Tokens dequantized with the old scales are dropped
+        from the read buffer."""
+        if self.read_buffer is not None:
+            self.read_buffer.invalidate_from(0)
         if self.dynamic_k:  # scale per unit amax (host floats)
             k_unit = float(self.k_method.scale_from_amax(1.0))
             self.k_scale = (self._real_amax(keys) * k_unit).clamp(min=torch.finfo(torch.float32).tiny)
@@ -399,6 +469,8 @@ class QuantKVLayer(CacheLayerMixin):
             return view.index_select(0, rows).reshape(-1, *t.shape[1:])
 
         self.buffers = self.buffers.map(pick)
+        if self.read_buffer is not None:
+            self.read_buffer.select_rows(rows)
         self.batch = rows.numel()
 
 
@@ -529,6 +601,8 @@ class QuantKVCache(Cache):
         self.static_decode = "graph" if replayed else "static"
         for layer in self.layers:
             layer.length = length
+            if layer.read_buffer is not None:
+                layer.read_buffer.invalidate_from(length)
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""

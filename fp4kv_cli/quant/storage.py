@@ -158,7 +158,11 @@ class KVStorage:
 
 def kv_method(name: str, dtype: torch.dtype) -> KVCacheMethod:
     """The method of format ``name``; unquantized storage uses the model's ``dtype``."""
-    return BF16KVMethod(dtype) if name == REFERENCE else get_kv_cache_method(name)
+    if name != REFERENCE:
+        return get_kv_cache_method(name)
+    # Unquantized storage is 16-bit: a model computing in fp32 on CPU still stores a bf16 cache,
+    # the reference every format's bytes and fidelity are measured against.
+    return BF16KVMethod(dtype if dtype.itemsize == 2 else torch.bfloat16)
 
 
 __all__ = ["REFERENCE", "KVStorage", "LayerStorage", "kv_method"]
