@@ -10,6 +10,7 @@ from fp4kv_cli.cli import (  # noqa: F401  # noqa: F401
     inspect_cmd,
     methods_cmd,
     recipe_cmd,
+    run_cmd,
 )
 from fp4kv_cli.cli.app import app
 

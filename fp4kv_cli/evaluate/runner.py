@@ -6,9 +6,10 @@ The KV dtype ``recipe`` runs the per-layer K/V formats written in the ``--scales
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from rich.console import Console
 
 from fp4kv_cli import __version__
+from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.errors import FP4KVError
@@ -40,7 +42,7 @@ from fp4kv_cli.evaluate.results import (
     write_summary,
 )
 from fp4kv_cli.evaluate.static_decode import decode_path
-from fp4kv_cli.fused_attention import decode_read
+from fp4kv_cli.fused_attention import decode_kernels, decode_read
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import (
     DTYPE_NAMES,
@@ -127,6 +129,9 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     """Run the evaluation and return the summary (also written to ``OUT/<run>/summary.json``)."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
+    settings = replace(settings, decode_attention=effective_decode(settings.decode_attention, device))
+    plan = _plan(settings)
+    clock = RunClock(plan.run_dir, started)
     dtype = parse_dtype(settings.dtype, device)
     plan = _plan(settings)
     where = settings.device_map or device
@@ -170,6 +175,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
                     lambda: progress.advance(task),
                 )
             save_fidelity(plan.run_dir, count, fidelity)
+            clock.save()
     stops = _stop_strings(tokenizer)
     config = greedy_config(model, tokenizer, settings.max_new_tokens, stops)
     records: dict[str, dict[int, dict[str, Any]]] = {}
@@ -183,14 +189,57 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             lambda ids, hint, kv=kv: _run_batch(
                 model, tokenizer, ids, make_cache(kv, hint), config, stops, settings.decode_attention
             ),
+            clock.save,
         )
     summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0])
-    summary["wall_seconds"] = time.perf_counter() - started
+    summary.update(clock.save())
     write_summary(plan.run_dir, summary)
     png, problem = try_plot_summary(plan.run_dir, summary)
     if png is None:
         console.print(f"[yellow]warning:[/] summary.png not drawn ({problem}); the results are in summary.json")
     return summary
+
+
+def effective_decode(requested: str, device: torch.device) -> str:
+    """The decode read ``requested`` resolves to on ``device``: ``graph`` and ``fused`` need the
+    Triton kernel on CUDA (or interpreted); elsewhere every step is a ``gather`` read. (``graph``
+    still falls back to ``fused`` for models it cannot capture: the sample records say which ran.)"""
+    if requested not in DECODE_ATTENTION or requested == "gather":
+        return requested
+    kernels = decode_kernels()
+    if kernels is None or (device.type != "cuda" and not kernels.INTERPRETED):
+        return "gather"
+    return requested
+
+
+class RunClock:
+    """Wall seconds of a run folder over all its sessions (a resumed run adds to the earlier ones).
+
+    ``wall.json`` holds the seconds of earlier sessions; :meth:`save` rewrites it with this
+    session's seconds so far (after each saved batch), so a killed session still counts up to
+    its last saved work.
+    """
+
+    FILE = "wall.json"
+
+    def __init__(self, run_dir: Path, started: float) -> None:
+        self.path = run_dir / self.FILE
+        self.started = started
+        try:
+            earlier = json.loads(self.path.read_text())
+            self.earlier = float(earlier["earlier_seconds"]) + float(earlier["session_seconds"])
+            self.sessions = int(earlier["sessions"]) + 1
+        except (OSError, ValueError, KeyError, TypeError):
+            self.earlier, self.sessions = 0.0, 1
+
+    def save(self) -> dict[str, Any]:
+        """Write ``wall.json``; returns the summary's fields ``wall_seconds`` (all sessions),
+        ``wall_seconds_session`` and ``sessions``."""
+        session = time.perf_counter() - self.started
+        write_json_atomic(
+            self.path, {"earlier_seconds": self.earlier, "session_seconds": session, "sessions": self.sessions}
+        )
+        return {"wall_seconds": self.earlier + session, "wall_seconds_session": session, "sessions": self.sessions}
 
 
 def _plan(settings: EvalSettings) -> _Plan:
@@ -390,8 +439,10 @@ def _generate_all(
     prompt_ids: Sequence[Sequence[int]],
     settings: EvalSettings,
     run_batch: Callable[[list[list[int]], int], tuple[list[Continuation], dict[str, Any]]],
+    on_saved: Callable[[], object],
 ) -> dict[int, dict[str, Any]]:
-    """Score every question with format ``kv``; batches already in ``samples-<kv>.jsonl`` are skipped."""
+    """Score every question with format ``kv``; batches already in ``samples-<kv>.jsonl`` are
+    skipped; ``on_saved()`` runs after each batch is logged."""
     log = SampleLog(samples_path(plan.run_dir, kv))
     done = log.load()
     order = sorted(range(len(plan.questions)), key=lambda i: -len(prompt_ids[i]))
@@ -409,6 +460,7 @@ def _generate_all(
                 for i, c in zip(batch, continuations)
             ]
             log.append(fresh)
+            on_saved()
             done.update((r["index"], r) for r in fresh)
             progress.advance(task, len(batch))
     return done
