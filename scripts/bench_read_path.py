@@ -18,6 +18,7 @@ usage: python scripts/bench_read_path.py --model M [--kv bf16,fp8,nvfp4,blockfp4
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -41,12 +42,14 @@ from fp4kv_cli.models import load_model_and_tokenizer, parse_dtype, resolve_devi
 REFERENCE = "bf16"
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of ``fn()``: on a shared machine the CPU
+    time is the steadier figure (it does not count time other processes held the cores)."""
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -90,24 +93,34 @@ def main() -> None:
     for kv in formats:  # warm-up
         generate_batch(model, tokenizer, prompts[:1], make_cache(kv, capacity), GenerationConfig(
             max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id), [], "gather")  # fmt: skip
-    times: dict[str, dict[str, list[float]]] = {job: {kv: [] for kv in formats} for job in jobs}
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {job: {kv: [] for kv in formats} for job in jobs}
     for repeat in range(args.repeats):
         for kv in formats[repeat % len(formats) :] + formats[: repeat % len(formats)]:
             for job, fn in jobs.items():
-                times[job][kv].append(timed(lambda fn=fn, kv=kv: fn(kv), device))
-                print(f"  repeat {repeat + 1}/{args.repeats} {job:>8} {kv:>8}: {times[job][kv][-1]:.2f} s", flush=True)
+                wall, cpu = timed(lambda fn=fn, kv=kv: fn(kv), device)
+                times[job][kv].append((wall, cpu))
+                print(f"  repeat {repeat + 1}/{args.repeats} {job:>8} {kv:>8}: {wall:.2f} s wall, {cpu:.2f} s CPU",
+                      flush=True)  # fmt: skip
     info = machine()
+    info["load_average_1_5_15_min"] = list(os.getloadavg())
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"model {args.model}, batch {args.batch_size}, prompts padded to {max(map(len, prompts))} tokens, "
           f"{args.new_tokens} new tokens; fidelity {args.fidelity_samples} samples; median of {args.repeats}")  # fmt: skip
     results: dict[str, dict[str, dict[str, float | list[float]]]] = {}
     for job in jobs:
-        ref = statistics.median(times[job][REFERENCE])
+        ref_wall = statistics.median(t[0] for t in times[job][REFERENCE])
+        ref_cpu = statistics.median(t[1] for t in times[job][REFERENCE])
         results[job] = {}
         for kv in formats:
-            seconds = statistics.median(times[job][kv])
-            results[job][kv] = {"seconds": seconds, "ratio_vs_bf16": seconds / ref, "each": times[job][kv]}
-            print(f"{job:>8} {kv:>8}: {seconds:7.2f} s  {seconds / ref:5.2f}x bf16")
+            wall = statistics.median(t[0] for t in times[job][kv])
+            cpu = statistics.median(t[1] for t in times[job][kv])
+            results[job][kv] = {
+                "wall_seconds": wall, "wall_ratio_vs_bf16": wall / ref_wall,
+                "cpu_seconds": cpu, "cpu_ratio_vs_bf16": cpu / ref_cpu,
+                "each_wall": [t[0] for t in times[job][kv]], "each_cpu": [t[1] for t in times[job][kv]],
+            }  # fmt: skip
+            print(f"{job:>8} {kv:>8}: wall {wall:7.2f} s {wall / ref_wall:5.2f}x bf16 | "
+                  f"CPU {cpu:7.2f} s {cpu / ref_cpu:5.2f}x bf16")  # fmt: skip
     record = {
         "machine": info,
         "model": args.model,

@@ -134,3 +134,26 @@ device = "cpu"
     assert third.exit_code == 0, third.output
     phases = json.loads((out / "report.json").read_text())["phases"]
     assert phases["eval"]["ran"] and not phases["calibrate"]["ran"] and not phases["export"]["ran"]
+
+
+def test_wall_seconds_add_up_over_resumed_sessions(tmp_path: Path) -> None:
+    import time
+
+    from fp4kv_cli.evaluate.runner import RunClock
+
+    first = RunClock(tmp_path, time.perf_counter() - 10.0).save()  # a session of ~10 s, killed
+    assert first["sessions"] == 1 and first["wall_seconds"] >= 10.0
+    second = RunClock(tmp_path, time.perf_counter() - 5.0).save()  # the resume: ~5 s more
+    assert second["sessions"] == 2
+    assert second["wall_seconds"] == pytest.approx(first["wall_seconds"] + second["wall_seconds_session"])
+    assert 5.0 <= second["wall_seconds_session"] < 10.0
+
+
+def test_decode_read_recorded_is_the_one_that_runs_on_cpu() -> None:
+    import torch
+
+    from fp4kv_cli.evaluate.runner import effective_decode
+
+    cpu = torch.device("cpu")
+    assert [effective_decode(d, cpu) for d in ("graph", "fused", "gather")] == ["gather"] * 3
+    assert effective_decode("bogus", cpu) == "bogus"  # left for the option check to refuse
