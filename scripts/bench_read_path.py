@@ -62,8 +62,11 @@ def main() -> None:
     parser.add_argument("--fidelity-samples", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="bench_read_path.json")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     formats = list(dict.fromkeys([REFERENCE, *(k.strip() for k in args.kv.split(",") if k.strip())]))
 
     device = resolve_device(args.device)

@@ -47,7 +47,7 @@ def run_preset(preset: Preset, root: Path, console: Console) -> Outcome:
     writing ``OUT/report.json`` and ``OUT/report.png``."""
     from fp4kv_cli.pipeline.report import write_report
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     out = _resolve(preset.out, Path.cwd())
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def run_preset(preset: Preset, root: Path, console: Console) -> Outcome:
         )  # fmt: skip
     if preset.eval is not None:
         outcome.summary = _eval(preset, model, outcome.scales, out, state, console)
-    state.phases["total"] = {"seconds": time.perf_counter() - started, "ran": True}
+    state.phases["total"] = {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu, "ran": True}
     write_report(preset, outcome)
     return outcome
 
@@ -97,13 +97,13 @@ class _State:
             self.phases[name] = {"seconds": 0.0, "ran": False, "seconds_when_run": earlier["seconds"]}
             return earlier.get("result")
         console.print(f"[bold]{name}[/] ...", highlight=False)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = run()
-        seconds = time.perf_counter() - start
-        self.steps[name] = {"key": key, "seconds": seconds, "result": result}
-        self.phases[name] = {"seconds": seconds, "ran": True, "seconds_when_run": seconds}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        self.steps[name] = {"key": key, "seconds": seconds, "cpu_seconds": cpu, "result": result}
+        self.phases[name] = {"seconds": seconds, "cpu_seconds": cpu, "ran": True, "seconds_when_run": seconds}
         write_json_atomic(self.path, {"steps": self.steps})
-        console.print(f"{name}: {seconds:.1f} s", highlight=False)
+        console.print(f"{name}: {seconds:.1f} s ({cpu:.1f} s CPU)", highlight=False)
         return result
 
 
@@ -213,7 +213,18 @@ def _eval(preset: Preset, model: str, scales: Path | None, out: Path, state: _St
     )  # fmt: skip
     summary_path = out / EVAL_RUN / "summary.json"
     key = {"model": model, "scales": None if scales is None else _sha256(scales), "settings": spec.model_dump()}
-    state.step("eval", key, summary_path, lambda: run_gsm8k(settings, console) and None, console)
+    def evaluate() -> None:
+        try:
+            run_gsm8k(settings, console)
+        except FP4KVError as err:
+            if "cannot resume" not in str(err):
+                raise
+            raise FP4KVError(
+                f"{out / EVAL_RUN} holds an eval with other settings ({str(err).split(': ', 1)[-1].split(';')[0]}); "
+                f"delete that folder to run the preset's, or set another out"
+            ) from None
+
+    state.step("eval", key, summary_path, evaluate, console)
     return json.loads(summary_path.read_text())
 
 
