@@ -157,7 +157,7 @@ class KVStorage:
 
 
 def kv_method(name: str, dtype: torch.dtype) -> KVCacheMethod:
-    """The method of format ``name``; unquantized storage uses the model's ``dtype``."""
+    """The method of format ``name``; unquantized storage is 16-bit (see below)."""
     if name != REFERENCE:
         return get_kv_cache_method(name)
     # Unquantized storage is 16-bit: a model computing in fp32 on CPU still stores a bf16 cache,
