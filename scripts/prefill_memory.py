@@ -1,0 +1,82 @@
+"""Peak memory of one prefill through the quantized cache, chunked and in one forward.
+
+Each configuration runs in a fresh subprocess (so CPU peak RSS is its own) and reports the
+peak above the loaded model: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of the
+process's peak resident set on CPU. Prompts are random token ids (no padding).
+
+    python3 scripts/prefill_memory.py --model DIR --batch 8 --tokens 2048 --kv nvfp4 \\
+        --chunks 0,2048,8192 --out mem.json      # 0 = one forward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def measure(model_path: str, batch: int, tokens: int, kv: str, chunk: int, device: str) -> dict:
+    """Peak bytes of one prefill of ``batch x tokens`` in format ``kv`` (chunk 0: one forward)."""
+    from fp4kv_cli.cache import QuantKVCache
+    from fp4kv_cli.evaluate.prefill import chunked_prefill
+    from fp4kv_cli.evaluate.runner import kv_method
+    from fp4kv_cli.models import load_model_and_tokenizer
+
+    dev = torch.device(device)
+    model, _ = load_model_and_tokenizer(model_path, dev, "auto")
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(10, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    ids, mask = ids.to(dev), torch.ones_like(ids).to(dev)
+    cache = QuantKVCache.for_model(model.config, kv_method(kv, dtype), capacity_hint=tokens)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    chunked_prefill(model, cache, ids, mask, chunk or batch * tokens)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"batch": batch, "tokens": tokens, "kv": kv, "prefill_chunk": chunk or None, "device": device,
+            "peak_bytes_above_model": peak, "kv_capacity_bytes": cache.capacity_bytes(),
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--kv", default="nvfp4")
+    parser.add_argument("--chunks", default="0,4096", help="comma-separated budgets; 0 = one forward")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one chunk here
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(measure(args.model, args.batch, args.tokens, args.kv, args.one, args.device)))
+        return
+    rows = []
+    for chunk in (int(c) for c in args.chunks.split(",")):
+        cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--tokens",
+               str(args.tokens), "--kv", args.kv, "--device", args.device, "--one", str(chunk)]  # fmt: skip
+        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        rows.append(row)
+        print(f"chunk {chunk or 'one forward':>11}: peak {row['peak_bytes_above_model'] / 2**20:8.1f} MiB above "
+              f"the model (KV buffers {row['kv_capacity_bytes'] / 2**20:.1f} MiB), {row['seconds']:.1f} s")  # fmt: skip
+    if args.out:
+        from fp4kv_cli.atomic import write_json_atomic
+
+        write_json_atomic(args.out, {"runs": rows})
+
+
+if __name__ == "__main__":
+    main()
