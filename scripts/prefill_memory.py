@@ -30,7 +30,9 @@ def measure(model_path: str, batch: int, tokens: int, kv: str, chunk: int, devic
     dev = torch.device(device)
     model, _ = load_model_and_tokenizer(model_path, dev, "auto")
     dtype = next(model.parameters()).dtype
-    ids = torch.randint(10, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        10, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)
+    )
     ids, mask = ids.to(dev), torch.ones_like(ids).to(dev)
     cache = QuantKVCache.for_model(model.config, kv_method(kv, dtype), capacity_hint=tokens)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -39,7 +41,11 @@ def measure(model_path: str, batch: int, tokens: int, kv: str, chunk: int, devic
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    chunked_prefill(model, cache, ids, mask, chunk or batch * tokens)
+    try:
+        chunked_prefill(model, cache, ids, mask, chunk or batch * tokens)
+    except torch.cuda.OutOfMemoryError:
+        return {"batch": batch, "tokens": tokens, "kv": kv, "prefill_chunk": chunk or None, "device": device,
+                "peak_bytes_above_model": None, "out_of_memory": True}  # fmt: skip
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -68,8 +74,14 @@ def main() -> None:
     for chunk in (int(c) for c in args.chunks.split(",")):
         cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--tokens",
                str(args.tokens), "--kv", args.kv, "--device", args.device, "--one", str(chunk)]  # fmt: skip
-        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"prefill chunk {chunk} failed:\n{done.stderr[-2000:]}")
+        row = json.loads(done.stdout.splitlines()[-1])
         rows.append(row)
+        if row.get("out_of_memory"):
+            print(f"chunk {chunk or 'one forward':>11}: out of memory")
+            continue
         print(f"chunk {chunk or 'one forward':>11}: peak {row['peak_bytes_above_model'] / 2**20:8.1f} MiB above "
               f"the model (KV buffers {row['kv_capacity_bytes'] / 2**20:.1f} MiB), {row['seconds']:.1f} s")  # fmt: skip
     if args.out:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_needles_and_answers_of_each_task() -> None:
     names = list(chain.references)
     assert len(set(names)) == tasks.CHAIN_LENGTH
     positions = [chain.prompt.index(f"VAR {names[0]} = ")] + [
-        chain.prompt.index(f"VAR {b} = VAR {a}.") for a, b in zip(names, names[1:])
+        chain.prompt.index(f"VAR {b} = VAR {a}.") for a, b in pairwise(names)
     ]
     assert positions == sorted(positions)  # assignments appear in chain order
     passkey = tasks.make_sample("passkey", 3000, 1, 0, chars)
@@ -120,7 +121,9 @@ def test_longctx_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert summary["results"]["bf16"]["lengths"]["768"]["kv_bytes_per_sequence"] == 256 * 768
     assert nvfp4["prefill_row_chunk"] < nvfp4["mean_prompt_tokens"]  # the prompts went in chunks
     records = [json.loads(line) for line in (run / "samples-nvfp4.jsonl").read_text().splitlines()]
-    assert sorted((r["task"], r["index"]) for r in records) == sorted((t, i) for t in tasks.TASKS for i in (0, 1))
+    assert sorted((r["task"], r["index"]) for r in records) == sorted(
+        (t, i) for t in tasks.TASKS for i in (0, 1)
+    )
     assert all(r["prompt_tokens"] <= 768 - 8 and r["score"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in records)
     assert (run / "summary.png").read_bytes()[:4] == b"\x89PNG"
     again = cli.invoke(app, args)
@@ -131,5 +134,9 @@ def test_lengths_above_the_maximum_are_an_error(tiny_llama_dir: Path, tmp_path: 
     result = cli.invoke(app, ["eval", "longctx", "--model", str(tiny_llama_dir), "--lengths", "4k",
                               "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1].startswith("error: every --lengths is above the model's maximum")
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith("error: every --lengths is above the model's maximum")
+    )
     assert not any(tmp_path.iterdir())

@@ -66,13 +66,21 @@ def test_bf16_chunked_prefill_equals_one_forward(tiny_llama_dir: Path) -> None:
         torch.testing.assert_close(chunked._read(ids.shape[1]), layer._read(ids.shape[1]), rtol=0, atol=1e-5)
 
 
-def test_fp4_chunks_read_the_stored_prefix(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+def test_fp4_chunks_read_the_stored_prefix(tiny_llama_dir: Path, device: str) -> None:
     """nvfp4: each chunk attends to the round-tripped prefix (as a fake-quant cache that returns
-    its stored K/V for the past and fresh K/V for the chunk), not to fresh K/V of the prefix."""
-    model = _model(tiny_llama_dir)
-    ids, mask = _inputs(model.config.vocab_size)
+    its stored K/V for the past and fresh K/V for the chunk), not to fresh K/V of the prefix
+    (on CUDA through the compiled store/gather kernels)."""
+    model = _model(tiny_llama_dir).to(device)
+    ids, mask = (t.to(device) for t in _inputs(model.config.vocab_size))
     layers = model.config.num_hidden_layers
-    scales = _scales(layers)
+    scales = LayerScales(*(t.to(device) for t in (_scales(layers).k, _scales(layers).v)))
     budget = 3 * 8
 
     def quant_cache() -> QuantKVCache:
@@ -91,7 +99,9 @@ def test_fp4_chunks_read_the_stored_prefix(tiny_llama_dir: Path) -> None:
 def test_generate_path_chunked_equals_unchunked(tiny_llama_dir: Path) -> None:
     """``generate_batch`` (gather read): prefill in chunks but the last token, then ``generate``."""
     model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir), "cpu", "fp32")
-    prompts = [tokenizer(t)["input_ids"] for t in ("Question: 2 + 3 = ?", "Hi", "A longer prompt, with words.")]
+    prompts = [
+        tokenizer(t)["input_ids"] for t in ("Question: 2 + 3 = ?", "Hi", "A longer prompt, with words.")
+    ]
     config = greedy_config(model, tokenizer, 12, ["Question:"])
     runs = []
     for budget in (UNCHUNKED, 3 * 4):

@@ -16,7 +16,12 @@ from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK
 from fp4kv_cli.evaluate.runner import parse_kv_dtypes
 
 #: Short column names of the tasks in the table.
-TASK_COLUMNS = {"niah_single": "niah-1", "niah_multikey": "niah-mk", "passkey": "passkey", "variable_tracking": "vt"}
+TASK_COLUMNS = {
+    "niah_single": "niah-1",
+    "niah_multikey": "niah-mk",
+    "passkey": "passkey",
+    "variable_tracking": "vt",
+}
 
 
 @eval_app.command("longctx")
@@ -24,31 +29,44 @@ TASK_COLUMNS = {"niah_single": "niah-1", "niah_multikey": "niah-mk", "passkey": 
 def longctx(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder, .gguf file or hub id.")],
     kv_dtype: Annotated[
-        str, typer.Option("--kv-dtype", help="Comma-separated KV formats: bf16, fp8, nvfp4, blockfp4, recipe.")
+        str,
+        typer.Option("--kv-dtype", help="Comma-separated KV formats: bf16, fp8, nvfp4, blockfp4, recipe."),
     ] = "bf16,nvfp4",
     scales: Annotated[
-        str | None, typer.Option("--scales", help="scales.json from fp4kv calibrate (else scales are dynamic).")
+        str | None,
+        typer.Option("--scales", help="scales.json from fp4kv calibrate (else scales are dynamic)."),
     ] = None,
     lengths: Annotated[
         str,
-        typer.Option("--lengths", help="Tokens per sequence (prompt + generation); those above the model's "
-                     "maximum are skipped."),  # fmt: skip
+        typer.Option(
+            "--lengths",
+            help="Tokens per sequence (prompt + generation); those above the model's maximum are skipped.",
+        ),
     ] = ",".join(str(n) for n in DEFAULT_LENGTHS),
-    tasks: Annotated[str, typer.Option("--tasks", help=f"Comma-separated: {', '.join(TASKS)}.")] = ",".join(TASKS),
+    tasks: Annotated[str, typer.Option("--tasks", help=f"Comma-separated: {', '.join(TASKS)}.")] = ",".join(
+        TASKS
+    ),
     limit: Annotated[int, typer.Option("--limit", help="Samples per task and length.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the haystacks, needles and depths.")] = 0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per sample.")] = 32,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Generation budget per sample.")
+    ] = 32,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", help="Sequences generated together (default: what free memory holds, "
-                     "capped so a prompt takes at most 8 prefill chunks)."),  # fmt: skip
+        typer.Option(
+            "--batch-size",
+            help="Sequences generated together (default: what free memory holds, capped so a prompt "
+            "takes at most 8 prefill chunks).",
+        ),
     ] = None,
     prefill_chunk: Annotated[
         int, typer.Option("--prefill-chunk", help="Prompt tokens per prefill forward over the whole batch.")
     ] = DEFAULT_PREFILL_CHUNK,
     chat: Annotated[
         bool | None,
-        typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template (default: if the tokenizer has one)."),
+        typer.Option(
+            "--chat/--no-chat", help="Wrap prompts in the chat template (default: if the tokenizer has one)."
+        ),
     ] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -82,7 +100,9 @@ def longctx(
     summary = run_longctx(settings, err_console)
     (console if console.is_terminal else Console(width=TABLE_WIDTH)).print(longctx_table(summary))
     if summary["skipped_lengths"]:
-        console.print(f"skipped lengths above the model's maximum: {summary['skipped_lengths']}", highlight=False)
+        console.print(
+            f"skipped lengths above the model's maximum: {summary['skipped_lengths']}", highlight=False
+        )
     console.print(f"results in {summary['run_dir']}/ (summary.json, samples-<kv>.jsonl, summary.png)",
                   highlight=False)  # fmt: skip
 

@@ -87,7 +87,9 @@ def auto_batch_size(
     """
     capacity = -(-max(longest_tokens, 1) // CAPACITY_CHUNK) * CAPACITY_CHUNK
     heads = text_config.num_key_value_heads or text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    head_dim = (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
     kv = kv_bytes_per_token(cache, heads, head_dim)
     if device.type != "cuda":
         return BatchPlan(min(CPU_BATCH_SIZE, sequences), None, capacity, kv, 0, 0)

@@ -116,7 +116,12 @@ def generate_batch(
     if decode == "graph" and static_decode_supported(model, cache):
         row_stops = RowStops(input_ids, config.eos_token_id or [], tokenizer, config.stop_strings)
         tokens = greedy_static(
-            model, cache, input_ids, attention_mask, config.max_new_tokens, row_stops.update,
+            model,
+            cache,
+            input_ids,
+            attention_mask,
+            config.max_new_tokens,
+            row_stops.update,
             prefill_chunk=prefill_chunk,
         )
         row_stops.update(tokens)

@@ -110,7 +110,10 @@ def run_longctx(settings: LongCtxSettings, console: Console) -> dict[str, Any]:
         if not chat:
             return prompt + prefix
         messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix.lstrip()
+        return (
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            + prefix.lstrip()
+        )
 
     def encode(prompt: str, prefix: str) -> list[int]:
         return tokenizer(render(prompt, prefix), add_special_tokens=not chat)["input_ids"]
@@ -185,9 +188,13 @@ def _check(settings: LongCtxSettings) -> tuple[dict[str, Any], list[int], list[i
     lengths = [n for n in settings.lengths if n <= maximum]
     skipped = [n for n in settings.lengths if n > maximum]
     if not lengths:
-        raise FP4KVError(f"every --lengths is above the model's maximum of {maximum} tokens; pass shorter ones")
+        raise FP4KVError(
+            f"every --lengths is above the model's maximum of {maximum} tokens; pass shorter ones"
+        )
     if min(lengths) <= settings.max_new_tokens:
-        raise FP4KVError(f"--lengths must exceed --max-new-tokens ({settings.max_new_tokens}); pass longer ones")
+        raise FP4KVError(
+            f"--lengths must exceed --max-new-tokens ({settings.max_new_tokens}); pass longer ones"
+        )
     scales_file = k_offsets = None
     if settings.scales is not None:
         scales_file, k_offsets = load_scales_for(config, settings.scales)
@@ -327,7 +334,11 @@ def _summary(
         "dtype": DTYPE_NAMES[dtype],
         "scales": settings.scales,
         "kv_shape": asdict(shape),
-        "versions": {"fp4kv": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "fp4kv": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "results": results,
     }
 
@@ -346,7 +357,10 @@ def plot_longctx(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     for kv, result in summary["results"].items():
         accs = [result["lengths"][str(n)]["accuracy"] for n in lengths]
         means = [a["mean"] for a in accs]
-        errors = [[m - a["ci95"][0] for m, a in zip(means, accs)], [a["ci95"][1] - m for m, a in zip(means, accs)]]
+        errors = [
+            [m - a["ci95"][0] for m, a in zip(means, accs)],
+            [a["ci95"][1] - m for m, a in zip(means, accs)],
+        ]
         ax.errorbar(lengths, means, yerr=errors, marker="o", capsize=3, label=kv)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])

@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
+from itertools import pairwise
 from typing import Any
 
 from fp4kv_cli.data import load_gsm8k
@@ -74,7 +75,9 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
     unknown = [name for name in names if name not in TASKS]
     if not names or unknown:
-        raise FP4KVError(f"unknown long-context task {', '.join(unknown) or '(none)'}; use {', '.join(TASKS)}")
+        raise FP4KVError(
+            f"unknown long-context task {', '.join(unknown) or '(none)'}; use {', '.join(TASKS)}"
+        )
     return names
 
 
@@ -201,7 +204,7 @@ def _variable_tracking(rng: random.Random) -> tuple[str, list[str], str, str, tu
         name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
         names += [] if name in names else [name]
     value = _number(rng, 5)
-    needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
     question = f"Question: Find all variables that are assigned the value {value} in the text above."
 
     prefix = (

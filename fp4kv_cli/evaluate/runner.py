@@ -182,8 +182,18 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     text_config = model.config.get_text_config(decoder=True)
     for kv in settings.kv_dtypes:
         batches[kv] = settings.batch_size or auto_batch_size(
-            text_config, make_cache(kv, longest), dtype, device, longest, len(prompt_ids), settings.prefill_chunk
+            text_config,
+            make_cache(kv, longest),
+            dtype,
+            device,
+            longest,
+            len(prompt_ids),
+            settings.prefill_chunk,
         )
+        if isinstance(batches[kv], BatchPlan) and batches[kv].free_bytes is not None:
+            auto = batches[kv]
+            console.print(f"{kv}: batch {auto.batch} ({auto.free_bytes / 2**30:.1f} GiB free, "
+                          f"{auto.row_bytes / 2**20:.1f} MiB per row)", highlight=False)  # fmt: skip
         records[kv] = _generate_all(
             console,
             kv,
@@ -192,7 +202,13 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             _batch(batches[kv]),
             settings.max_new_tokens,
             lambda ids, hint, kv=kv: _run_batch(
-                model, tokenizer, ids, make_cache(kv, hint), config, stops, settings.decode_attention,
+                model,
+                tokenizer,
+                ids,
+                make_cache(kv, hint),
+                config,
+                stops,
+                settings.decode_attention,
                 settings.prefill_chunk,
             ),
         )
