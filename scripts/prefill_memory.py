@@ -1,8 +1,9 @@
 """Peak memory of one prefill through the quantized cache, chunked and in one forward.
 
 Each configuration runs in a fresh subprocess (so CPU peak RSS is its own) and reports the
-peak above the loaded model: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of the
-process's peak resident set on CPU. Prompts are random token ids (no padding).
+peak above the loaded model: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU (Linux) the
+peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after loading) minus the
+resident set before the prefill. Prompts are random token ids (no padding).
 
     python3 scripts/prefill_memory.py --model DIR --batch 8 --tokens 2048 --kv nvfp4 \\
         --chunks 0,2048,8192 --out mem.json      # 0 = one forward
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,7 +36,7 @@ def measure(model_path: str, batch: int, tokens: int, kv: str, chunk: int, devic
     )
     ids, mask = ids.to(dev), torch.ones_like(ids).to(dev)
     cache = QuantKVCache.for_model(model.config, kv_method(kv, dtype), capacity_hint=tokens)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -50,10 +51,24 @@ def measure(model_path: str, batch: int, tokens: int, kv: str, chunk: int, devic
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _status_bytes("VmHWM") - before
     return {"batch": batch, "tokens": tokens, "kv": kv, "prefill_chunk": chunk or None, "device": device,
             "peak_bytes_above_model": peak, "kv_capacity_bytes": cache.capacity_bytes(),
             "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (kB) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak resident set (``VmHWM``) to its current size; returns that size."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
 
 
 def main() -> None:
