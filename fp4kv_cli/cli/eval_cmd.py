@@ -49,7 +49,14 @@ def gsm8k(
     limit: Annotated[
         int | None, typer.Option("--limit", help="Evaluate only the first N test questions.")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions generated together.")] = 16,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Questions generated together (default: on CUDA as many as free memory holds in each "
+            "KV format, see docs/prefill.md; else 16).",
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Generation budget per question.")
     ] = 256,
@@ -120,12 +127,22 @@ def gsm8k(
             "formats (with --engine vllm).",
         ),
     ] = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            "--prefill-chunk",
+            help="Prompt tokens per prefill forward over the whole batch: prompts are written into the "
+            "KV cache in chunks, each attending to the stored (quantized) prefix, so prefill memory "
+            "is one chunk's (default 16384).",
+        ),
+    ] = None,
 ) -> None:
     """GSM8K (lm-eval gsm8k prompt and scoring) with the KV cache really stored in each format."""
     engine = engine.strip().lower()
     if engine not in ("fp4kv", "vllm"):
         raise FP4KVError(f"--engine must be fp4kv or vllm, got {engine!r}")
     # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK
     from fp4kv_cli.evaluate.runner import EvalSettings, parse_kv_dtypes, run_gsm8k
 
     settings = EvalSettings(
@@ -148,6 +165,7 @@ def gsm8k(
         run_name=run_name,
         resume=resume,
         decode_attention=decode_attention.strip().lower(),
+        prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
     )
     if engine == "vllm":
         from fp4kv_cli.evaluate.vllm_engine import EngineSettings, run_gsm8k_vllm

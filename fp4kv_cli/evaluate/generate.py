@@ -18,6 +18,7 @@ from transformers import GenerationConfig, StopStringCriteria
 
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.evaluate.gsm8k import cut_at_stop
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill, row_chunk
 from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
 from fp4kv_cli.models import cache_argument, input_device
@@ -95,6 +96,7 @@ def generate_batch(
     config: GenerationConfig,
     stops: Sequence[str],
     decode: str = "graph",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> list[Continuation]:
     """Greedy continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch).
 
@@ -104,13 +106,23 @@ def generate_batch(
     same kernel in eager steps through ``generate`` where it runs
     (:func:`fp4kv_cli.fused_attention.fused_decode`), else ``gather``; ``gather`` — the prefix is
     read back as dequantized tensors and SDPA runs.
+
+    ``prefill_chunk``: prompt tokens per prefill forward over the batch
+    (:mod:`fp4kv_cli.evaluate.prefill`). On the ``generate`` paths a prompt longer than one chunk
+    is prefilled but for its last token, which ``generate`` then feeds as its first step.
     """
     device = input_device(model)
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     if decode == "graph" and static_decode_supported(model, cache):
         row_stops = RowStops(input_ids, config.eos_token_id or [], tokenizer, config.stop_strings)
         tokens = greedy_static(
-            model, cache, input_ids, attention_mask, config.max_new_tokens, row_stops.update
+            model,
+            cache,
+            input_ids,
+            attention_mask,
+            config.max_new_tokens,
+            row_stops.update,
+            prefill_chunk=prefill_chunk,
         )
         row_stops.update(tokens)
         return _continuations(tokenizer, tokens, row_stops.counts(tokens.shape[1]), stops)
@@ -118,6 +130,8 @@ def generate_batch(
     cache.set_token_mask(attention_mask)
     extra = {"tokenizer": tokenizer} if config.stop_strings else {}
     with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext():
+        if row_chunk(prefill_chunk, input_ids.shape[0]) < input_ids.shape[1]:
+            chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk, input_ids.shape[1] - 1)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -22,6 +22,7 @@ from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate import gsm8k
+from fp4kv_cli.evaluate.batching import BatchPlan, auto_batch_size
 from fp4kv_cli.evaluate.fidelity import Fidelity, measure_fidelity
 from fp4kv_cli.evaluate.generate import (
     Continuation,
@@ -30,6 +31,7 @@ from fp4kv_cli.evaluate.generate import (
     neutral_generation_defaults,
 )
 from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, row_chunk
 from fp4kv_cli.evaluate.results import (
     RESUME_KEY_DEFAULTS,
     SampleLog,
@@ -78,7 +80,8 @@ class EvalSettings:
     scales: str | None = None
     num_fewshot: int = 5
     limit: int | None = None
-    batch_size: int = 16
+    #: None: automatic (:mod:`fp4kv_cli.evaluate.batching`), per format.
+    batch_size: int | None = None
     max_new_tokens: int = 256
     chat: bool = False
     data: str | None = None
@@ -92,6 +95,7 @@ class EvalSettings:
     run_name: str | None = None
     resume: bool = False
     decode_attention: str = "graph"
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
 
 def parse_kv_dtypes(text: str) -> tuple[str, ...]:
@@ -133,7 +137,6 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     plan = _plan(settings)
     clock = RunClock(plan.run_dir, started)
     dtype = parse_dtype(settings.dtype, device)
-    plan = _plan(settings)
     where = settings.device_map or device
     with status(console, f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {where})"):
         model, tokenizer = load_model_and_tokenizer(
@@ -179,19 +182,43 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     stops = _stop_strings(tokenizer)
     config = greedy_config(model, tokenizer, settings.max_new_tokens, stops)
     records: dict[str, dict[int, dict[str, Any]]] = {}
+    batches: dict[str, BatchPlan | int] = {}
+    longest = max(map(len, prompt_ids)) + settings.max_new_tokens
+    text_config = model.config.get_text_config(decoder=True)
     for kv in settings.kv_dtypes:
+        batches[kv] = settings.batch_size or auto_batch_size(
+            text_config,
+            make_cache(kv, longest),
+            dtype,
+            device,
+            longest,
+            len(prompt_ids),
+            settings.prefill_chunk,
+        )
+        if isinstance(batches[kv], BatchPlan) and batches[kv].free_bytes is not None:
+            auto = batches[kv]
+            console.print(f"{kv}: batch {auto.batch} ({auto.free_bytes / 2**30:.1f} GiB free, "
+                          f"{auto.row_bytes / 2**20:.1f} MiB per row)", highlight=False)  # fmt: skip
         records[kv] = _generate_all(
             console,
             kv,
             plan,
             prompt_ids,
-            settings,
+            _batch(batches[kv]),
+            settings.max_new_tokens,
             lambda ids, hint, kv=kv: _run_batch(
-                model, tokenizer, ids, make_cache(kv, hint), config, stops, settings.decode_attention
+                model,
+                tokenizer,
+                ids,
+                make_cache(kv, hint),
+                config,
+                stops,
+                settings.decode_attention,
+                settings.prefill_chunk,
             ),
             clock.save,
         )
-    summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0])
+    summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0], batches)
     summary.update(clock.save())
     write_summary(plan.run_dir, summary)
     png, problem = try_plot_summary(plan.run_dir, summary)
@@ -280,8 +307,9 @@ def _plan_checks(settings: EvalSettings) -> None:
         raise FP4KVError(f"--limit must be > 0, got {settings.limit}; omit it to use every question")
     for option, value in (("--batch-size", settings.batch_size), ("--max-new-tokens", settings.max_new_tokens),
                           ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
-        if value <= 0:
+        if value is not None and value <= 0:
             raise FP4KVError(f"{option} must be > 0, got {value}")
+    check_prefill_chunk(settings.prefill_chunk)
     if settings.decode_attention not in DECODE_ATTENTION:
         raise FP4KVError(
             f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
@@ -413,13 +441,14 @@ def _run_batch(
     config: Any,
     stops: Sequence[str],
     decode: str,
+    prefill_chunk: int,
 ) -> tuple[list[Continuation], dict[str, Any]]:
     cuda = input_device(model).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, decode)
+    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, decode, prefill_chunk)
     seconds = time.perf_counter() - start
     stats = {
         "seconds": seconds,
@@ -428,6 +457,7 @@ def _run_batch(
         "kv_stored_bytes": cache.stored_bytes(),
         "kv_capacity_bytes": cache.capacity_bytes(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "prefill_row_chunk": row_chunk(prefill_chunk, len(ids)),
     }
     return continuations, stats
 
@@ -437,7 +467,8 @@ def _generate_all(
     kv: str,
     plan: _Plan,
     prompt_ids: Sequence[Sequence[int]],
-    settings: EvalSettings,
+    batch_size: int,
+    max_new_tokens: int,
     run_batch: Callable[[list[list[int]], int], tuple[list[Continuation], dict[str, Any]]],
     on_saved: Callable[[], object],
 ) -> dict[int, dict[str, Any]]:
@@ -451,10 +482,10 @@ def _generate_all(
         task = progress.add_task(
             f"gsm8k {kv}", total=len(plan.questions), completed=len(plan.questions) - len(todo)
         )
-        for first in range(0, len(todo), settings.batch_size):
-            batch = todo[first : first + settings.batch_size]
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first : first + batch_size]
             ids = [list(prompt_ids[i]) for i in batch]
-            continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens)
+            continuations, stats = run_batch(ids, max(map(len, ids)) + max_new_tokens)
             fresh = [
                 _record(i, plan.questions[i], len(prompt_ids[i]), c, stats, len(batch))
                 for i, c in zip(batch, continuations)
@@ -494,6 +525,7 @@ def _record(
         "kv_capacity_bytes": stats["kv_capacity_bytes"],
         "peak_gpu_bytes": stats["peak_gpu_bytes"],
         "decode_attention": stats["decode_attention"],
+        "prefill_row_chunk": stats["prefill_row_chunk"],
     }
 
 
@@ -505,6 +537,7 @@ def _summary(
     records: dict[str, dict[int, dict[str, Any]]],
     fidelity: dict[str, Fidelity],
     example_prompt: str,
+    batches: Mapping[str, BatchPlan | int],
 ) -> dict[str, Any]:
     import transformers
 
@@ -544,6 +577,8 @@ def _summary(
             "max_kv_stored_bytes": max(r["kv_stored_bytes"] for r in rows),
             "peak_gpu_bytes": max(peaks) if peaks else None,
             "decode_attention": sorted({r.get("decode_attention", OLD_DECODE_ATTENTION) for r in rows}),
+            "batch_size": _batch(batches[kv]),
+            "auto_batch": asdict(batches[kv]) if isinstance(batches[kv], BatchPlan) else None,
             "fidelity": fidelity[kv].to_dict() if kv in fidelity else None,
         }
         if kv == RECIPE:
@@ -559,7 +594,8 @@ def _summary(
         "fewshot_seed": gsm8k.FEWSHOT_SEED,
         "stop_sequences": list(gsm8k.STOP_SEQUENCES),
         "max_new_tokens": settings.max_new_tokens,
-        "batch_size": settings.batch_size,
+        "batch_size": "auto" if settings.batch_size is None else settings.batch_size,
+        "prefill_chunk": settings.prefill_chunk,
         "device": str(device),
         "dtype": DTYPE_NAMES[dtype],
         "backend": get_backend(device).name,
@@ -580,6 +616,10 @@ def _rotation_block(kv: str, scales_file: ScalesFile | None) -> int | None:
     """The Hadamard block of the Q/K rotation format ``kv`` ran with (None: not rotated)."""
     rotation = None if scales_file is None or kv == REFERENCE else scales_file.rotation()
     return None if rotation is None else rotation.block
+
+
+def _batch(plan: BatchPlan | int) -> int:
+    return plan.batch if isinstance(plan, BatchPlan) else plan
 
 
 def _scale_source(kv: str, scales_file: ScalesFile | None) -> str:

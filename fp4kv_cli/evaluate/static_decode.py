@@ -24,6 +24,7 @@ import torch
 
 from fp4kv_cli import fused_attention
 from fp4kv_cli.cache import QuantKVCache
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill
 from fp4kv_cli.fused_attention import fusable, fused_decode
 from fp4kv_cli.models import cache_argument
 
@@ -82,6 +83,7 @@ def greedy_static(
     max_new_tokens: int,
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
     graph: bool | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> torch.Tensor:
     """Greedy continuations ``[batch, n]`` (``n <= max_new_tokens``) of left-padded ``input_ids``.
 
@@ -95,6 +97,8 @@ def greedy_static(
         loop ends when all have. None runs the whole budget.
     graph:
         Capture the step in a CUDA graph (default: on CUDA).
+    prefill_chunk:
+        Prompt tokens per prefill forward over the batch (:func:`~fp4kv_cli.evaluate.prefill.chunked_prefill`).
 
     Call it only where :func:`static_decode_supported` holds.
     """
@@ -102,13 +106,11 @@ def greedy_static(
     batch, prompt = input_ids.shape
     graph = device.type == "cuda" if graph is None else graph
     argument = {cache_argument(model): cache}
-    cache.set_token_mask(attention_mask)
     with torch.inference_mode(), fused_decode(model, cache) as on:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       logits_to_keep=1, **argument).logits  # fmt: skip
+        logits = chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk)
         tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-        tokens[:, 0] = logits[:, -1].argmax(-1)
+        tokens[:, 0] = logits.argmax(-1)
         capacities = {layer.capacity for layer in cache.layers}
         if len(capacities) != 1:
             raise ValueError(f"static decoding needs one capacity for every layer, got {sorted(capacities)}")
