@@ -1,3 +1,3 @@
 """Session fixtures of the real-engine tier (defined in engine_exports.py)."""
 
-from engine_exports import exports, models  # noqa: F401
+from engines.engine_exports import exports, models  # noqa: F401

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from engine_exports import ARCHS, LAYERS, Export
+from engines.engine_exports import ARCHS, LAYERS, Export
 from safetensors import safe_open
 
 quantization = pytest.importorskip("compressed_tensors.quantization", reason="pip install -e '.[engines]'")

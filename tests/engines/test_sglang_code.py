@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_exports import ARCHS, KINDS, LAYERS, MODELOPT_KV_ONLY, Export
+from engines.engine_exports import ARCHS, KINDS, LAYERS, MODELOPT_KV_ONLY, Export
 from engine_loaders.fixtures import K_AMAX, V_AMAX, scales_dict, write_scales
 from safetensors.torch import save_file
 

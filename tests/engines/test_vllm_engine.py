@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_exports import ARCHS, KINDS, LAYERS, MODELOPT_KV_ONLY, Export
+from engines.engine_exports import ARCHS, KINDS, LAYERS, MODELOPT_KV_ONLY, Export
 from safetensors.torch import save_file
 
 from fp4kv_cli.export.inspect import inspect_path
@@ -187,7 +187,7 @@ def test_indexed_k_offset_is_refused(
 ) -> None:
     """Why export keeps fp4kv's K offset out of the index: vLLM maps k_proj.k_offset onto the fused
     qkv_proj and fails; ``fp4kv inspect`` says so."""
-    from engine_exports import export as run_export
+    from engines.engine_exports import export as run_export
     from engine_loaders.fixtures import scales_dict, write_scales
 
     from fp4kv_cli.export.exporter import OFFSET_FILE

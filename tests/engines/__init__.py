@@ -1,0 +1,1 @@
+"""The real-engine tier: vLLM, SGLang and compressed-tensors code run on fp4kv exports."""
