@@ -10,10 +10,7 @@ from rich.table import Table
 
 from fp4kv_cli.cli.app import DeviceOption, DtypeOption, console, err_console, eval_app, guarded
 from fp4kv_cli.cli.eval_cmd import TABLE_WIDTH
-from fp4kv_cli.evaluate.longctx import DEFAULT_LENGTHS, LongCtxSettings, parse_lengths, run_longctx
 from fp4kv_cli.evaluate.longctx_tasks import TASKS, parse_tasks
-from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK
-from fp4kv_cli.evaluate.runner import parse_kv_dtypes
 
 #: Short column names of the tasks in the table.
 TASK_COLUMNS = {
@@ -42,7 +39,7 @@ def longctx(
             "--lengths",
             help="Tokens per sequence (prompt + generation); those above the model's maximum are skipped.",
         ),
-    ] = ",".join(str(n) for n in DEFAULT_LENGTHS),
+    ] = "4096,8192,16384,32768",
     tasks: Annotated[str, typer.Option("--tasks", help=f"Comma-separated: {', '.join(TASKS)}.")] = ",".join(
         TASKS
     ),
@@ -60,8 +57,11 @@ def longctx(
         ),
     ] = None,
     prefill_chunk: Annotated[
-        int, typer.Option("--prefill-chunk", help="Prompt tokens per prefill forward over the whole batch.")
-    ] = DEFAULT_PREFILL_CHUNK,
+        int | None,
+        typer.Option(
+            "--prefill-chunk", help="Prompt tokens per prefill forward over the whole batch (default 16384)."
+        ),
+    ] = None,
     chat: Annotated[
         bool | None,
         typer.Option(
@@ -79,6 +79,11 @@ def longctx(
     ] = "graph",
 ) -> None:
     """Needle / multi-key / passkey / variable-tracking retrieval at 4K-32K tokens, per KV format."""
+    # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
+    from fp4kv_cli.evaluate.longctx import LongCtxSettings, parse_lengths, run_longctx
+    from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK
+    from fp4kv_cli.evaluate.runner import parse_kv_dtypes
+
     settings = LongCtxSettings(
         model=model,
         kv_dtypes=parse_kv_dtypes(kv_dtype),
@@ -89,7 +94,7 @@ def longctx(
         seed=seed,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        prefill_chunk=prefill_chunk,
+        prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
         chat=chat,
         device=device,
         dtype=dtype,

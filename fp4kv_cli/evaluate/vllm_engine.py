@@ -167,7 +167,7 @@ def _generate_all(
     stops: Sequence[str],
     settings: EvalSettings,
 ) -> dict[int, dict[str, Any]]:
-    """Greedy continuations, ``--batch-size`` prompts per engine call (resumable per call)."""
+    """Greedy continuations, ``--batch-size`` prompts per engine call (default all; resumable per call)."""
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -178,8 +178,9 @@ def _generate_all(
     todo = [i for i in range(len(questions)) if i not in done]
     with count_progress(console, remaining=True) as progress:
         task = progress.add_task(f"gsm8k {key}", total=len(questions), completed=len(questions) - len(todo))
-        for first in range(0, len(todo), settings.batch_size):
-            batch = todo[first : first + settings.batch_size]
+        per_call = settings.batch_size or max(len(todo), 1)  # default: every prompt, vLLM schedules them
+        for first in range(0, len(todo), per_call):
+            batch = todo[first : first + per_call]
             start = time.perf_counter()
             outputs = llm.generate(
                 [{"prompt_token_ids": list(prompt_ids[i])} for i in batch], params, use_tqdm=False
@@ -218,6 +219,7 @@ def _stats(seconds: float) -> dict[str, Any]:
         "kv_stored_bytes": None,
         "kv_capacity_bytes": None,
         "peak_gpu_bytes": None,
+        "prefill_row_chunk": None,  # vLLM chunks its own prefill
     }
 
 
