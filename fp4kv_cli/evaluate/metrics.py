@@ -5,6 +5,12 @@
 - Paired difference ``a - b`` over the same questions: mean of ``d_i = a_i - b_i`` in {-1, 0, 1}
   with the normal 95 % interval ``mean +- 1.96 * sd(d) / sqrt(n)``; ``a_only`` / ``b_only`` count
   the questions only ``a`` / only ``b`` got right (McNemar's discordant pairs).
+- ``mdd80``: the minimum detectable difference of that comparison, the true difference a
+  two-sided 5 % test detects with 80 % power, ``(z_0.975 + z_0.8) * sd(d) / sqrt(n)``.
+- Sampled runs (K generations per question): a question's score is its fraction of correct
+  samples; accuracy is the mean of those over questions, its interval the normal one of that mean
+  (questions are the independent units), and the paired difference is the mean of the
+  per-question differences of those fractions, with the same interval and ``mdd80``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from statistics import NormalDist
 from typing import Any
 
 Z95 = NormalDist().inv_cdf(0.975)
+#: z of 80 % power (one side): the minimum detectable difference is (Z95 + Z80) standard errors.
+Z80 = NormalDist().inv_cdf(0.8)
 
 
 @dataclass(frozen=True)
@@ -35,13 +43,16 @@ class Accuracy:
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """Mean of ``a_i - b_i`` over ``n`` shared questions with its normal 95 % interval."""
+    """Mean of ``a_i - b_i`` over ``n`` shared questions with its normal 95 % interval and the
+    minimum detectable difference (None for a single question); ``a_only`` / ``b_only``: the
+    questions where ``a`` / ``b`` scored higher."""
 
     n: int
     mean: float
     ci95: tuple[float, float] | None
     a_only: int
     b_only: int
+    mdd80: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -78,9 +89,52 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> PairedDifference:
     """``a - b`` on the same questions (``a[i]`` and ``b[i]`` score question ``i``)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired difference needs two equal non-empty lists, got {len(a)} and {len(b)}")
-    diffs = [int(bool(x)) - int(bool(y)) for x, y in zip(a, b)]
+    return _paired([int(bool(x)) - int(bool(y)) for x, y in zip(a, b)])
+
+
+@dataclass(frozen=True)
+class SampledAccuracy:
+    """Mean over ``n`` questions of each question's fraction of correct samples (``samples`` per
+    question), with the standard error and normal 95 % interval of that mean."""
+
+    n: int
+    samples: int
+    mean: float
+    stderr: float | None
+    ci95: tuple[float, float] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def sampled_accuracy(flags: Sequence[Sequence[bool]]) -> SampledAccuracy:
+    """Accuracy of per-question lists of per-sample correctness ``flags`` (each non-empty, as
+    many samples for every question)."""
+    scores = _fractions(flags)
+    mean, ci = mean_interval(scores)
+    stderr = None if ci is None else (ci[1] - mean) / Z95
+    return SampledAccuracy(len(scores), len(flags[0]), mean, stderr, ci)
+
+
+def sampled_paired_difference(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]]) -> PairedDifference:
+    """``a - b`` of per-question fractions of correct samples on the same questions."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired difference needs two equal non-empty lists, got {len(a)} and {len(b)}")
+    return _paired([x - y for x, y in zip(_fractions(a), _fractions(b))])
+
+
+def _fractions(flags: Sequence[Sequence[bool]]) -> list[float]:
+    if not flags or any(len(row) != len(flags[0]) or not row for row in flags):
+        raise ValueError("sampled accuracy needs the same non-zero number of samples for every question")
+    return [sum(bool(f) for f in row) / len(row) for row in flags]
+
+
+def _paired(diffs: Sequence[float]) -> PairedDifference:
     mean, ci = mean_interval(diffs)
-    return PairedDifference(len(diffs), mean, ci, diffs.count(1), diffs.count(-1))
+    mdd = None if ci is None else (ci[1] - mean) / Z95 * (Z95 + Z80)
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return PairedDifference(len(diffs), mean, ci, wins, losses, mdd)
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:

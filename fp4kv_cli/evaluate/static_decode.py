@@ -1,4 +1,5 @@
-"""Greedy decoding with static shapes, so each decode step can be one CUDA graph replay.
+"""Greedy (or seeded sampled) decoding with static shapes, so each decode step can be one CUDA
+graph replay.
 
 ``model.generate`` runs a decode step as hundreds of small kernels, each launched from Python;
 at batch 128 on a small model the GPU then waits on the host. Here every decode step has the
@@ -82,6 +83,7 @@ def greedy_static(
     max_new_tokens: int,
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
     graph: bool | None = None,
+    choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Greedy continuations ``[batch, n]`` (``n <= max_new_tokens``) of left-padded ``input_ids``.
 
@@ -95,12 +97,18 @@ def greedy_static(
         loop ends when all have. None runs the whole budget.
     graph:
         Capture the step in a CUDA graph (default: on CUDA).
+    choose:
+        ``(logits [batch, vocab], step) -> tokens [batch]`` picks each next token, ``step`` (a
+        ``[1]`` int64 device tensor) counting the tokens generated before it; device ops only,
+        as it runs inside the graph (e.g. :class:`~fp4kv_cli.evaluate.sampling.RowSampler`).
+        None: the argmax (greedy).
 
     Call it only where :func:`static_decode_supported` holds.
     """
     device = input_ids.device
     batch, prompt = input_ids.shape
     graph = device.type == "cuda" if graph is None else graph
+    choose = choose or _argmax
     argument = {cache_argument(model): cache}
     cache.set_token_mask(attention_mask)
     with torch.inference_mode(), fused_decode(model, cache) as on:
@@ -108,7 +116,7 @@ def greedy_static(
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        logits_to_keep=1, **argument).logits  # fmt: skip
         tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-        tokens[:, 0] = logits[:, -1].argmax(-1)
+        tokens[:, 0] = choose(logits[:, -1], torch.zeros(1, dtype=torch.long, device=device))
         capacities = {layer.capacity for layer in cache.layers}
         if len(capacities) != 1:
             raise ValueError(f"static decoding needs one capacity for every layer, got {sorted(capacities)}")
@@ -137,7 +145,7 @@ def greedy_static(
             state.mask.index_fill_(3, state.cache_position, True)  # the new token attends to itself
             out = model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
                         logits_to_keep=1, **argument).logits  # fmt: skip
-            state.advance(out[:, -1].argmax(-1))
+            state.advance(choose(out[:, -1], state.column))
 
         cache.begin_static_decode(state.slots)
         done = 1
@@ -151,6 +159,10 @@ def greedy_static(
         finally:
             cache.end_static_decode(prompt + done - 1, replayed=graph and done > 2)
     return tokens[:, :done]
+
+
+def _argmax(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
 
 
 @dataclass
