@@ -89,7 +89,7 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> PairedDifference:
     """``a - b`` on the same questions (``a[i]`` and ``b[i]`` score question ``i``)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired difference needs two equal non-empty lists, got {len(a)} and {len(b)}")
-    return _paired([int(bool(x)) - int(bool(y)) for x, y in zip(a, b)])
+    return paired_values([int(bool(x)) - int(bool(y)) for x, y in zip(a, b)])
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def sampled_paired_difference(a: Sequence[Sequence[bool]], b: Sequence[Sequence[
     """``a - b`` of per-question fractions of correct samples on the same questions."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired difference needs two equal non-empty lists, got {len(a)} and {len(b)}")
-    return _paired([x - y for x, y in zip(_fractions(a), _fractions(b))])
+    return paired_values([x - y for x, y in zip(_fractions(a), _fractions(b))])
 
 
 def _fractions(flags: Sequence[Sequence[bool]]) -> list[float]:
@@ -130,7 +130,9 @@ def _fractions(flags: Sequence[Sequence[bool]]) -> list[float]:
     return [sum(bool(f) for f in row) / len(row) for row in flags]
 
 
-def _paired(diffs: Sequence[float]) -> PairedDifference:
+def paired_values(diffs: Sequence[float]) -> PairedDifference:
+    """Paired difference from the per-question differences ``diffs`` (e.g. of per-document
+    metric values); ``a_only`` / ``b_only`` count the positive / negative ones."""
     mean, ci = mean_interval(diffs)
     mdd = None if ci is None else (ci[1] - mean) / Z95 * (Z95 + Z80)
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
