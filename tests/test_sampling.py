@@ -36,11 +36,14 @@ def test_hash_is_the_reference_lowbias32() -> None:
 
 def test_uniforms_depend_only_on_key_step_and_token() -> None:
     keys = row_keys(7, [0, 1, 2], [0, 0, 1])
-    u = uniforms(keys, 3, 1000)
+    vocab = torch.arange(1000)
+    u = uniforms(keys, 3, vocab)
     assert u.shape == (3, 1000) and bool(((u > 0) & (u < 1)).all())
     assert abs(float(u.mean()) - 0.5) < 0.02
-    assert torch.equal(uniforms(keys[1:2], torch.tensor([3]), 1000), u[1:2])  # no batch dependence
-    assert not torch.equal(uniforms(keys, 4, 1000), u)
+    assert torch.equal(uniforms(keys[1:2], torch.tensor([3]), vocab), u[1:2])  # no batch dependence
+    picked = torch.tensor([[5, 900], [7, 1], [0, 999]])
+    assert torch.equal(uniforms(keys, 3, picked), u.gather(1, picked))  # a token's noise, wherever it sits
+    assert not torch.equal(uniforms(keys, 4, vocab), u)
     assert len(set(row_keys(7, [0, 0, 1], [0, 1, 0]).tolist())) == 3
     assert not torch.equal(row_keys(8, [0], [0]), row_keys(7, [0], [0]))
 
@@ -59,7 +62,7 @@ def test_sampler_draws_the_tempered_nucleus_distribution() -> None:
     assert mass[0] < 0.8 < mass[0] + mass[1]
     assert set(nucleus.tolist()) == {0, 1}
     assert abs(float((nucleus == 0).double().mean()) - float(mass[0] / mass[:2].sum())) < 0.02
-    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
     cold = sample_next(logits, row_keys(3, range(64), [0] * 64), 5, SamplingSpec(1e-6))
     assert torch.equal(cold, logits.argmax(-1))
 
@@ -176,3 +179,19 @@ def test_ci_math_on_a_constructed_example() -> None:
     assert Z80 == pytest.approx(0.841621, rel=1e-5)
     with pytest.raises(ValueError):
         sampled_accuracy([[True], [True, False]])
+
+
+def test_sample_plan_splits_the_variance() -> None:
+    from fp4kv_cli.evaluate.metrics import sample_plan
+
+    # d_ik: question 0 (1, 1), question 1 (0, 0), question 2 (-1, -1), question 3 (1, 0).
+    a = [[True, True], [False, False], [False, False], [True, False]]
+    b = [[False, False], [False, False], [True, True], [False, False]]
+    plan = sample_plan(a, b, half_widths=(1.0, 0.1))
+    within = (0 + 0 + 0 + 0.5) / 4  # per-question sample variances (k - 1 = 1)
+    means = [1, 0, -1, 0.5]
+    between = sum((m - 0.125) ** 2 for m in means) / 3 - within / 2
+    assert (plan.within, plan.between) == (pytest.approx(within), pytest.approx(between))
+    room = (1.0 / Z95) ** 2 * 4 - between
+    assert plan.samples_for == {"1": math.ceil(within / room), "0.1": None}  # 0.1: between alone is wider
+    assert sample_plan([[True]] * 3, [[False]] * 3) is None

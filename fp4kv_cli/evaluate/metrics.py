@@ -124,6 +124,48 @@ def sampled_paired_difference(a: Sequence[Sequence[bool]], b: Sequence[Sequence[
     return paired_values([x - y for x, y in zip(_fractions(a), _fractions(b))])
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    """Variance of a sampled paired difference split into its parts, and what more samples buy.
+
+    ``d_ik`` is sample ``k`` of question ``i`` (the two formats share the noise of sample ``k``):
+    ``within`` is the mean over questions of the variance of ``d_ik`` over ``k``, ``between``
+    the variance over questions of the per-question mean difference that is left when the
+    sampling noise ``within / K`` is taken out. With ``K`` samples the 95 % half-width is
+    ``Z95 * sqrt((between + within / K) / n)``; ``samples_for`` maps a target half-width to
+    the smallest ``K`` that reaches it (None: the between part alone is wider)."""
+
+    n: int
+    samples: int
+    within: float
+    between: float
+    samples_for: dict[str, int | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def sample_plan(
+    a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], half_widths: Sequence[float] = (0.01, 0.007, 0.005)
+) -> SamplePlan | None:
+    """The :class:`SamplePlan` of ``a - b`` (None with fewer than 2 samples or questions)."""
+    _fractions(a), _fractions(b)  # validates
+    n, k = len(a), len(a[0])
+    if n < 2 or k < 2 or len(b) != n or len(b[0]) != k:
+        return None
+    diffs = [[int(bool(x)) - int(bool(y)) for x, y in zip(row_a, row_b)] for row_a, row_b in zip(a, b)]
+    means = [sum(row) / k for row in diffs]
+    within = sum(sum((d - m) ** 2 for d in row) / (k - 1) for row, m in zip(diffs, means)) / n
+    grand = sum(means) / n
+    between = max(0.0, sum((m - grand) ** 2 for m in means) / (n - 1) - within / k)
+    needed: dict[str, int | None] = {}
+    for half in half_widths:
+        room = (half / Z95) ** 2 * n - between
+        needed[f"{half:g}"] = None if room <= 0 else max(1, math.ceil(within / room))
+    return SamplePlan(n, k, within, between, needed)
+
+
 def _fractions(flags: Sequence[Sequence[bool]]) -> list[float]:
     if not flags or any(len(row) != len(flags[0]) or not row for row in flags):
         raise ValueError("sampled accuracy needs the same non-zero number of samples for every question")

@@ -35,6 +35,7 @@ from fp4kv_cli.evaluate.generate import (
 from fp4kv_cli.evaluate.metrics import (
     accuracy,
     paired_difference,
+    sample_plan,
     sampled_accuracy,
     sampled_paired_difference,
 )
@@ -621,6 +622,10 @@ def _summary(
             paired = {
                 key: compare(flags[key], _flags(records[REFERENCE], key, len(plan.questions), settings)).to_dict() for key in flags
             }
+        plan_more = None
+        if sampled and paired is not None:
+            found = sample_plan(flags["strict"], _flags(records[REFERENCE], "strict", len(plan.questions), settings))
+            plan_more = None if found is None else found.to_dict()
         score = sampled_accuracy if sampled else accuracy
         peaks = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
         results[kv] = {
@@ -628,6 +633,7 @@ def _summary(
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
             "accuracy": {key: score(values).to_dict() for key, values in flags.items()},
             "vs_bf16": paired,
+            "vs_bf16_samples_plan": plan_more,
             "new_tokens": new_tokens,
             "generation_seconds": seconds,
             "tokens_per_second": new_tokens / seconds if seconds > 0 else None,

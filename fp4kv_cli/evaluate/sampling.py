@@ -6,7 +6,9 @@ hash of ``(key, t, v)``: no generator state, so a row's tokens do not depend on 
 its batch, on the batch size, on the decode path (``generate`` or the static / CUDA graph step,
 where the step counter is a device tensor) or on how often the run was resumed. The token is
 drawn by the Gumbel-max trick, ``argmax(log p_v - log(-log u_v))``, over the top-p nucleus of
-``softmax(logits / T)``: an exact sample of that distribution for uniform ``u``.
+``softmax(logits / T)`` restricted to the :data:`TOP_K` most likely tokens (as transformers'
+sampling defaults to ``top_k=50``): an exact sample of that distribution for uniform ``u``, and
+the noise is hashed for those candidates only, not the whole vocabulary, at every step.
 
 Formats share the keys (the KV format is not part of them): each format's sample ``k`` of a
 question sees the same noise, so where two formats' distributions agree they pick the same token.
@@ -26,6 +28,8 @@ import torch
 from transformers import LogitsProcessor
 
 MASK32 = 0xFFFFFFFF
+#: Candidate tokens per step (transformers' default ``top_k``).
+TOP_K = 50
 #: Odd constants that separate the step and token streams of the hash.
 STEP_SALT = 0x9E3779B9
 TOKEN_SALT = 0x85EBCA6B
@@ -74,13 +78,13 @@ def row_keys(
     return hash32(hash32(base ^ q) ^ k)
 
 
-def uniforms(keys: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
-    """``[rows, vocab]`` float32 uniforms in (0, 1) of each row's ``key`` at generation ``step``
-    (an int or a ``[1]`` int64 device tensor)."""
+def uniforms(keys: torch.Tensor, step: torch.Tensor | int, tokens: torch.Tensor) -> torch.Tensor:
+    """Float32 uniforms in (0, 1) of vocabulary ids ``tokens`` (``[rows, c]`` int64, or ``[c]``
+    for every row) for each row's ``key`` at generation ``step`` (an int or a ``[1]`` int64
+    device tensor): ``[rows, c]``."""
     step = torch.as_tensor(step, dtype=torch.long, device=keys.device).reshape(-1)[:1]
-    state = hash32(keys ^ hash32(step + STEP_SALT))  # [rows]
-    tokens = hash32(torch.arange(vocab, dtype=torch.long, device=keys.device) + TOKEN_SALT)
-    bits = hash32(state[:, None] ^ tokens[None, :]) >> 8  # 24 bits: exact in float32
+    state = hash32(keys ^ hash32(step + STEP_SALT))[:, None]  # [rows, 1]
+    bits = hash32(state ^ hash32(tokens + TOKEN_SALT)) >> 8  # 24 bits: exact in float32
     return (bits.float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -89,16 +93,14 @@ def sample_next(
 ) -> torch.Tensor:
     """Tokens ``[rows]`` drawn from ``logits [rows, vocab]`` (any float dtype, computed in float32)
     with each row's key at ``step``."""
-    scaled = logits.float() / spec.temperature
-    logp = torch.log_softmax(scaled, dim=-1)
+    top, candidates = logits.float().topk(min(TOP_K, logits.shape[-1]), dim=-1)  # sorted, best first
+    logp = torch.log_softmax(top / spec.temperature, dim=-1)
     if spec.top_p < 1:
-        sorted_logp, order = logp.sort(dim=-1, descending=True)
-        probs = sorted_logp.exp()
+        probs = logp.exp()
         beyond = probs.cumsum(-1) - probs >= spec.top_p  # the better tokens already hold top_p
-        outside = torch.empty_like(beyond).scatter_(-1, order, beyond)
-        logp = logp.masked_fill(outside, float("-inf"))
-    gumbel = -torch.log(-torch.log(uniforms(keys, step, logits.shape[-1])))
-    return (logp + gumbel).argmax(-1)
+        logp = logp.masked_fill(beyond, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniforms(keys, step, candidates)))
+    return candidates.gather(-1, (logp + gumbel).argmax(-1, keepdim=True)).squeeze(-1)
 
 
 class RowSampler:
