@@ -71,6 +71,16 @@ def test_sampled_static_decode_equals_sampled_generate(
     tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The graph step (eager on CPU) draws the tokens ``generate`` draws with the same sampler."""
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
+    check_sampled_paths_agree(tiny_llama_dir, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_sampled_cuda_graph_decode_equals_sampled_generate(tiny_llama_dir: Path) -> None:
+    check_sampled_paths_agree(tiny_llama_dir, "cuda")
+
+
+def check_sampled_paths_agree(tiny_llama_dir: Path, device: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fp4kv_cli.cache import QuantKVCache
@@ -78,19 +88,23 @@ def test_sampled_static_decode_equals_sampled_generate(
     from fp4kv_cli.evaluate.sampling import RowSampler
     from fp4kv_cli.quant.registry import get_kv_cache_method
 
-    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tokenizer.pad_token = tokenizer.unk_token
     prompts = [tokenizer(text).input_ids for text in ("Q: 2+3?", "Hi", "7*8=")]
     config = greedy_config(model, tokenizer, 6, [])
-    sampler = RowSampler(SamplingSpec(temperature=1.0, top_p=0.9, seed=5), row_keys(5, [0, 1, 2], [0, 0, 0]))
+    sampler = RowSampler(SamplingSpec(temperature=1.0, top_p=0.9, seed=5), row_keys(5, [0, 1, 2], [0, 0, 0], device))
+
+    last: list = []
 
     def run(decode: str) -> tuple[torch.Tensor, torch.Tensor]:
         cache = QuantKVCache.for_model(model.config, get_kv_cache_method("blockfp4"), capacity_hint=16)
+        last[:] = [cache]
         return generate_tokens(model, tokenizer, prompts, cache, config, decode, sampler)
 
-    (static, static_counts), (eager, eager_counts) = run("graph"), run("gather")
+    static, static_counts = run("graph")
+    assert fused_attention.decode_read(last[0]) == ("graph" if device == "cuda" else "static")
+    eager, eager_counts = run("fused")  # generate with the same kernel, a logits processor samples
     assert torch.equal(static_counts, eager_counts) and int(static_counts.max()) > 1
     for row, count in enumerate(static_counts.tolist()):
         assert static[row, :count].tolist() == eager[row, :count].tolist()
