@@ -609,29 +609,28 @@ def _summary(
         shape.num_kv_heads, shape.head_dim, shape.num_layers
     )
     sampled = settings.sampling is not None
-    keys = [(i, k) for i in range(len(plan.questions)) for k in range(settings.samples)]
+    count = len(plan.questions)
+    keys = [(i, k) for i in range(count) for k in range(settings.samples)]
+    flags = {
+        kv: {key: _flags(records[kv], key, count, settings) for key in ("strict", "flexible")} for kv in records
+    }
     results = {}
     for kv in settings.kv_dtypes:
         rows = [records[kv][key] for key in keys]
-        flags = {key: _flags(records[kv], key, len(plan.questions), settings) for key in ("strict", "flexible")}
         seconds = sum(r["seconds"] for r in rows)
         new_tokens = sum(r["new_tokens"] for r in rows)
-        paired = None
+        paired = plan_more = None
         if REFERENCE in records and kv != REFERENCE:
             compare = sampled_paired_difference if sampled else paired_difference
-            paired = {
-                key: compare(flags[key], _flags(records[REFERENCE], key, len(plan.questions), settings)).to_dict() for key in flags
-            }
-        plan_more = None
-        if sampled and paired is not None:
-            found = sample_plan(flags["strict"], _flags(records[REFERENCE], "strict", len(plan.questions), settings))
+            paired = {key: compare(flags[kv][key], flags[REFERENCE][key]).to_dict() for key in flags[kv]}
+            found = sample_plan(flags[kv]["strict"], flags[REFERENCE]["strict"]) if sampled else None
             plan_more = None if found is None else found.to_dict()
         score = sampled_accuracy if sampled else accuracy
         peaks = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
         results[kv] = {
             "scale_source": _scale_source(kv, plan.scales_file),
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
-            "accuracy": {key: score(values).to_dict() for key, values in flags.items()},
+            "accuracy": {key: score(values).to_dict() for key, values in flags[kv].items()},
             "vs_bf16": paired,
             "vs_bf16_samples_plan": plan_more,
             "new_tokens": new_tokens,

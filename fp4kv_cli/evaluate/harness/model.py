@@ -123,11 +123,7 @@ class FP4KVLM(HFLM):
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the KV format and decode read."""
-        info = {"kv_dtype": self.kv_dtype, "decode_attention": self.decode_attention}
-        try:
-            return {**super().get_model_info(), **info}
-        except Exception:  # HFLM looks the revision up on the hub; offline it may fail
-            return info
+        return {**super().get_model_info(), "kv_dtype": self.kv_dtype, "decode_attention": self.decode_attention}
 
     # ------------------------------------------------------------------ generation
     def _model_generate(
