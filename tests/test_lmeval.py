@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval")
 
-from fp4kv_cli.cli import app  # noqa: E402
+from fp4kv_cli.cli import app
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 cli = CliRunner()
@@ -36,7 +36,9 @@ def _eval_gsm8k(model: str, out: Path, *extra: str) -> dict[str, dict[int, dict]
             "--no-fidelity", "--device", "cpu", *extra]  # fmt: skip
     result = cli.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return {kv: {r["index"]: r for r in _jsonl(out / "g" / f"samples-{kv}.jsonl")} for kv in ("bf16", "nvfp4")}
+    return {
+        kv: {r["index"]: r for r in _jsonl(out / "g" / f"samples-{kv}.jsonl")} for kv in ("bf16", "nvfp4")
+    }
 
 
 def _eval_lm_eval(model_args: str, out: Path, tasks: str, *extra: str) -> dict:
@@ -52,7 +54,9 @@ def _lm_eval_samples(out: Path, kv: str, task: str) -> list[dict]:
     return _jsonl(path)
 
 
-def check_gsm8k_equal(model: str, tmp_path: Path, limit: int, fewshot: int, new_tokens: int, **model_args: str) -> None:
+def check_gsm8k_equal(
+    model: str, tmp_path: Path, limit: int, fewshot: int, new_tokens: int, **model_args: str
+) -> None:
     common = ["--limit", str(limit), "--batch-size", str(limit), "--num-fewshot", str(fewshot)]
     ours = _eval_gsm8k(model, tmp_path / "fp4kv", *common, "--max-new-tokens", str(new_tokens))
     extra = "".join(f",{key}={value}" for key, value in model_args.items())
@@ -68,16 +72,18 @@ def check_gsm8k_equal(model: str, tmp_path: Path, limit: int, fewshot: int, new_
             assert bool(sample["exact_match"]) == record[f"{key}_correct"]
             compared += 1
         flags = [ours[kv][i]["strict_correct"] for i in range(limit)]
-        assert summary["results"]["gsm8k_local"]["exact_match,strict-match"][kv]["value"] == sum(flags) / limit
+        assert (
+            summary["results"]["gsm8k_local"]["exact_match,strict-match"][kv]["value"] == sum(flags) / limit
+        )
     assert compared == 2 * 2 * limit
     assert any(record["output"] for record in ours["nvfp4"].values())
     assert summary["vs_bf16"]["gsm8k_local"]["exact_match,strict-match"]["nvfp4"]["n"] == limit
 
 
 def test_fp4kv_is_in_lm_evals_registry() -> None:
-    import fp4kv_cli.evaluate.harness  # noqa: F401
     from lm_eval.api.registry import get_model
 
+    import fp4kv_cli.evaluate.harness  # noqa: F401
     from fp4kv_cli.evaluate.harness.model import FP4KVLM
 
     assert get_model("fp4kv") is FP4KVLM and get_model("hf").__name__ == "HFLM"
@@ -153,8 +159,18 @@ def test_cli_runs_a_local_loglikelihood_task(tiny_llama_dir: Path, tmp_path: Pat
         (["--tasks", "gsm8k_local", "--local-data", "arc_easy=/nonexistent"], "does not exist"),
     ],
 )
-def test_cli_bad_input_is_one_line(tiny_llama_dir: Path, tmp_path: Path, extra: list[str], message: str) -> None:
-    args = ["eval", "lm-eval", "--model-args", f"pretrained={tiny_llama_dir}", "--out", str(tmp_path / "o"), *extra]
+def test_cli_bad_input_is_one_line(
+    tiny_llama_dir: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    args = [
+        "eval",
+        "lm-eval",
+        "--model-args",
+        f"pretrained={tiny_llama_dir}",
+        "--out",
+        str(tmp_path / "o"),
+        *extra,
+    ]
     result = cli.invoke(app, args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert result.output.strip().count("\n") == 0

@@ -93,7 +93,9 @@ def check_sampled_paths_agree(tiny_llama_dir: Path, device: str) -> None:
     tokenizer.pad_token = tokenizer.unk_token
     prompts = [tokenizer(text).input_ids for text in ("Q: 2+3?", "Hi", "7*8=")]
     config = greedy_config(model, tokenizer, 6, [])
-    sampler = RowSampler(SamplingSpec(temperature=1.0, top_p=0.9, seed=5), row_keys(5, [0, 1, 2], [0, 0, 0], device))
+    sampler = RowSampler(
+        SamplingSpec(temperature=1.0, top_p=0.9, seed=5), row_keys(5, [0, 1, 2], [0, 0, 0], device)
+    )
 
     last: list = []
 
@@ -136,7 +138,13 @@ def test_sampled_runs_reproduce_and_t0_is_greedy(tiny_llama_dir: Path, tmp_path:
         assert sorted(a) == [(i, k) for i in range(3) for k in range(2)]
         assert a == _outputs(tmp_path / "b", kv)
         assert a != _outputs(tmp_path / "c", kv)  # another seed draws other tokens
-    assert first["decoding"] == {"mode": "sampled", "samples": 2, "temperature": 0.9, "top_p": 0.95, "seed": 3}
+    assert first["decoding"] == {
+        "mode": "sampled",
+        "samples": 2,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "seed": 3,
+    }
     assert first["results"]["nvfp4"]["accuracy"]["strict"]["samples"] == 2
     assert set(first["results"]["nvfp4"]["vs_bf16"]["strict"]) >= {"mean", "ci95", "mdd80"}
     _run(tiny_llama_dir, tmp_path, "greedy", "--batch-size", "3")
@@ -170,7 +178,9 @@ def test_resume_adds_samples(tiny_llama_dir: Path, tmp_path: Path) -> None:
     ],
 )
 def test_bad_sampling_options(tiny_llama_dir: Path, tmp_path: Path, extra: list[str], message: str) -> None:
-    result = cli.invoke(app, ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--out", str(tmp_path), *extra])
+    result = cli.invoke(
+        app, ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--out", str(tmp_path), *extra]
+    )
     assert result.exit_code == 2 and message in result.output
     assert result.output.strip().count("\n") == 0
     assert not (tmp_path / f"{tiny_llama_dir.name}-gsm8k").exists()

@@ -98,10 +98,14 @@ def gsm8k(
     temperature: Annotated[
         float, typer.Option("--temperature", help="Sampling temperature; 0 (default) is greedy, as lm-eval.")
     ] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature).")] = 1.0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature).")
+    ] = 1.0,
     seed: Annotated[
         int,
-        typer.Option("--seed", help="Sampling seed; every format draws the same noise per question and sample."),
+        typer.Option(
+            "--seed", help="Sampling seed; every format draws the same noise per question and sample."
+        ),
     ] = 0,
 ) -> None:
     """GSM8K (lm-eval gsm8k prompt and scoring) with the KV cache really stored in each format."""

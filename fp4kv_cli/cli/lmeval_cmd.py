@@ -36,14 +36,23 @@ def lm_eval_command(
     ],
     kv_dtype: Annotated[
         str | None,
-        typer.Option("--kv-dtype", help="Formats to run one after another (overrides kv_dtype of --model-args)."),
+        typer.Option(
+            "--kv-dtype", help="Formats to run one after another (overrides kv_dtype of --model-args)."
+        ),
     ] = None,
-    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", help="Overrides the tasks' few-shot.")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate only the first N documents per task.")] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option("--num-fewshot", help="Overrides the tasks' few-shot.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Evaluate only the first N documents per task.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Requests run together.")] = 16,
     device: DeviceOption = "auto",
     out: Annotated[
-        str, typer.Option("--out", help="lm-eval's result files go to OUT/<kv>/, the side-by-side summary to OUT/.")
+        str,
+        typer.Option(
+            "--out", help="lm-eval's result files go to OUT/<kv>/, the side-by-side summary to OUT/."
+        ),
     ] = "results/lm-eval",
     include_path: Annotated[
         str | None, typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs.")

@@ -147,7 +147,9 @@ class SamplePlan:
 
 
 def sample_plan(
-    a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], half_widths: Sequence[float] = (0.01, 0.007, 0.005)
+    a: Sequence[Sequence[bool]],
+    b: Sequence[Sequence[bool]],
+    half_widths: Sequence[float] = (0.01, 0.007, 0.005),
 ) -> SamplePlan | None:
     """The :class:`SamplePlan` of ``a - b`` (None with fewer than 2 samples or questions)."""
     _fractions(a), _fractions(b)  # validates

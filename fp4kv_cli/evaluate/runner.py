@@ -39,7 +39,6 @@ from fp4kv_cli.evaluate.metrics import (
     sampled_accuracy,
     sampled_paired_difference,
 )
-from fp4kv_cli.evaluate.sampling import RowSampler, SamplingSpec, row_keys
 from fp4kv_cli.evaluate.results import (
     RESUME_KEY_DEFAULTS,
     SampleLog,
@@ -51,6 +50,7 @@ from fp4kv_cli.evaluate.results import (
     try_plot_summary,
     write_summary,
 )
+from fp4kv_cli.evaluate.sampling import RowSampler, SamplingSpec, row_keys
 from fp4kv_cli.evaluate.static_decode import decode_path
 from fp4kv_cli.fused_attention import decode_read
 from fp4kv_cli.model_config import KVShape, load_config_dict
@@ -657,12 +657,7 @@ def _summary(
         "fewshot_seed": gsm8k.FEWSHOT_SEED,
         "stop_sequences": list(gsm8k.STOP_SEQUENCES),
         "max_new_tokens": settings.max_new_tokens,
-        "decoding": (
-            {"mode": "sampled", "samples": settings.samples, "temperature": settings.temperature,
-             "top_p": settings.top_p, "seed": settings.seed}  # fmt: skip
-            if sampled
-            else {"mode": "greedy"}
-        ),
+        "decoding": _decoding(settings),
         "batch_size": settings.batch_size,
         "device": str(device),
         "dtype": DTYPE_NAMES[dtype],
@@ -677,6 +672,19 @@ def _summary(
             "transformers": transformers.__version__,
         },
         "results": results,
+    }
+
+
+def _decoding(settings: EvalSettings) -> dict[str, Any]:
+    """The summary's record of greedy or sampled decoding."""
+    if settings.sampling is None:
+        return {"mode": "greedy"}
+    return {
+        "mode": "sampled",
+        "samples": settings.samples,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
     }
 
 

@@ -20,7 +20,7 @@ import torch
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.evaluate.fidelity import ANSWER_CHUNK
 from fp4kv_cli.evaluate.generate import left_pad
-from fp4kv_cli.models import cache_argument
+from fp4kv_cli.models import cache_argument, input_device
 
 
 def scored_logits(
@@ -37,7 +37,7 @@ def scored_logits(
     and its rotary positions count only its own tokens."""
     if not pairs or any(not scored for _, scored in pairs):
         raise ValueError("scored_logits needs at least one pair, each with at least one scored token")
-    device = next(model.parameters()).device
+    device = input_device(model)
     argument = {cache_argument(model): cache}
     prefix_ids, mask = left_pad([list(prefix) for prefix, _ in pairs], pad_id, device)
     lengths = mask.sum(-1, keepdim=True)
@@ -54,13 +54,17 @@ def scored_logits(
             model(input_ids=prefix_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
                   use_cache=True, **argument)  # fmt: skip
         else:
-            real = torch.tensor([[i < len(s) for i in range(min(chunk, width))] for _, s in pairs], device=device)
+            real = torch.tensor(
+                [[i < len(s) for i in range(min(chunk, width))] for _, s in pairs], device=device
+            )
             cache.set_token_mask(real.long())
         for start in range(0, width, chunk):
             ids = tokens[:, start : start + chunk]
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)  # right padding: finite, never attended
             positions = lengths + torch.arange(start, start + ids.shape[1], device=device)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **argument)
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **argument
+            )
             pieces.append(out.logits)
     logits = torch.cat(pieces, dim=1)
     return [logits[row, : len(scored)] for row, (_, scored) in enumerate(pairs)]

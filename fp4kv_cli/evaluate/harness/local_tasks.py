@@ -57,7 +57,9 @@ def gsm8k_local(task_manager: Any) -> dict[str, Any]:
 
 
 def _split_file(folder: Path, split: str, task: str) -> str:
-    found = [folder / f"{split}{suffix}" for suffix in LOCAL_BUILDERS if (folder / f"{split}{suffix}").is_file()]
+    found = [
+        folder / f"{split}{suffix}" for suffix in LOCAL_BUILDERS if (folder / f"{split}{suffix}").is_file()
+    ]
     found = [path for path in found if path.suffix != ".txt"]
     if not found:
         raise FP4KVError(

@@ -84,7 +84,9 @@ class FP4KVLM(HFLM):
         if len(kv_dtypes) != 1:
             raise FP4KVError(f"kv_dtype takes one format, got {kv_dtype}; run one evaluation per format")
         if decode_attention not in DECODE_ATTENTION:
-            raise FP4KVError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, got {decode_attention!r}")
+            raise FP4KVError(
+                f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, got {decode_attention!r}"
+            )
         config = load_config_dict(pretrained)
         self._head_dim = KVShape.from_config(config).head_dim
         self._scales = (None, None) if scales is None else load_scales_for(config, str(scales))
@@ -115,7 +117,9 @@ class FP4KVLM(HFLM):
         if kv_dtype != "recipe":
             get_kv_cache_method(kv_dtype).check_head_dim(self._head_dim)
         elif self._scales[0] is None:
-            raise FP4KVError("kv_dtype=recipe needs scales= with per-layer formats (fp4kv analyze --write-recipe)")
+            raise FP4KVError(
+                "kv_dtype=recipe needs scales= with per-layer formats (fp4kv analyze --write-recipe)"
+            )
 
     def new_cache(self, capacity: int) -> Any:
         """A fresh cache of this model's KV format with room for ``capacity`` tokens per row."""
@@ -123,7 +127,11 @@ class FP4KVLM(HFLM):
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the KV format and decode read."""
-        return {**super().get_model_info(), "kv_dtype": self.kv_dtype, "decode_attention": self.decode_attention}
+        return {
+            **super().get_model_info(),
+            "kv_dtype": self.kv_dtype,
+            "decode_attention": self.decode_attention,
+        }
 
     # ------------------------------------------------------------------ generation
     def _model_generate(
@@ -142,7 +150,9 @@ class FP4KVLM(HFLM):
         tokens, counts = generate_tokens(
             self.model, self.tokenizer, prompts, cache, config, self.decode_attention, sampler
         )
-        kept = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < counts.to(tokens.device)[:, None]
+        kept = (
+            torch.arange(tokens.shape[1], device=tokens.device)[None, :] < counts.to(tokens.device)[:, None]
+        )
         tokens = torch.where(kept, tokens, self.tokenizer.pad_token_id)
         return torch.cat([context.to(tokens.device), tokens], dim=1)
 

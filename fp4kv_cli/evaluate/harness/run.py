@@ -65,7 +65,9 @@ def parse_local_data(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
         if not sep or not task or not folder:
             raise FP4KVError(f"--local-data takes TASK=FOLDER, got {item!r}")
         if not Path(folder).expanduser().is_dir():
-            raise FP4KVError(f"--local-data folder {folder} does not exist; pass a folder of <split>.jsonl files")
+            raise FP4KVError(
+                f"--local-data folder {folder} does not exist; pass a folder of <split>.jsonl files"
+            )
         pairs.append((task.strip(), folder))
     return tuple(pairs)
 
@@ -100,7 +102,9 @@ def run_lm_eval(settings: HarnessSettings, console: Console) -> dict[str, Any]:
         console.print(f"lm-eval {', '.join(settings.tasks)} with the KV cache in {kv}", highlight=False)
         result = lm_eval.simple_evaluate(
             model=lm,
-            model_args=",".join(f"{key}={value}" for key, value in {**args, "kv_dtype": kv}.items()),  # recorded
+            model_args=",".join(
+                f"{key}={value}" for key, value in {**args, "kv_dtype": kv}.items()
+            ),  # recorded
             tasks=specs,
             num_fewshot=settings.num_fewshot,
             limit=settings.limit,
@@ -143,7 +147,9 @@ def _task_specs(task_manager: Any, tasks: Sequence[str], local_data: Sequence[tu
     local = dict(local_data)
     unknown = set(local) - set(tasks)
     if unknown:
-        raise FP4KVError(f"--local-data names {', '.join(sorted(unknown))}, not in --tasks; add them to --tasks")
+        raise FP4KVError(
+            f"--local-data names {', '.join(sorted(unknown))}, not in --tasks; add them to --tasks"
+        )
     specs: list[Any] = []
     for task in tasks:
         if task == GSM8K_LOCAL:
@@ -187,8 +193,11 @@ def _paired_metrics(samples: Mapping[str, Mapping[str, list[dict[str, Any]]]]) -
     return paired
 
 
-def _task_differences(rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, PairedDifference]:
+def _task_differences(
+    rows: list[dict[str, Any]], reference: list[dict[str, Any]]
+) -> dict[str, PairedDifference]:
     """``{"metric,filter": difference}`` over the documents both sample lists scored."""
+
     def by_doc(items: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
         return {(item["filter"], item["doc_id"]): item for item in items}
 
