@@ -5,8 +5,15 @@ methods, laid out ``[batch * capacity, heads, ...]``, slot ``b * capacity + t``)
 prompt and generated, is written through ``method.store`` (K with the layer's K method, V with
 its V method); attention gets the values back through each method's ``dequantize`` of the
 filled slots, as a kernel reading the FP4 buffers would. The methods own the math, the layer
-owns the buffers, the backend only runs ops. Layers (and K vs V) may use different formats:
-see :meth:`QuantKVCache.from_recipe`.
+owns the buffers, the backend only runs ops.
+
+A token's stored bytes never change once written, so each stored token is dequantized once, into
+the layer's :class:`ReadBuffer` (``[batch, heads, capacity, head_dim]`` of the compute dtype),
+and reads are views of it: a decode step costs one token's dequantize, not the whole prefix's,
+and gives exactly the values re-dequantizing the buffers gives. Whatever changes the meaning of
+stored bytes (a new dynamic scale, crop, reset) or moves them (capacity growth, row selection)
+updates the read buffer with them. Layers (and K vs V) may use different formats:
+see :meth:`QuantKVCache.from_storage`.
 
 Read semantics follow serving engines: a multi-token forward (prefill, or a chunk of a
 teacher-forced text) attends to the stored prefix read back from the buffers plus its own
@@ -23,7 +30,7 @@ centering); reads need no correction since softmax cancels the shift ``q . k_off
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +38,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.quant.methods import KVCacheMethod, LayerScales
+from fp4kv_cli.quant.rotation import QKRotation, hadamard_matrix
+from fp4kv_cli.quant.storage import KVStorage
 
 #: Capacity grows (and is rounded up) in chunks of this many tokens per batch row.
 CAPACITY_CHUNK = 256
@@ -42,8 +51,8 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attenti
 class _SharedState:
     """State every layer of one cache shares: the prefill token mask and slot indices.
 
-    The slot tensors are memoised by shape so that a decode step computes them once (in the
-    first layer) instead of once per layer.
+    The slot tensor is memoised by shape so that a decode step computes it once (in the first
+    layer) instead of once per layer, and the read of the step's token reuses the write's.
     """
 
     token_mask: torch.Tensor | None = None
@@ -52,7 +61,6 @@ class _SharedState:
     #: owner advances it between steps.
     static_slots: torch.Tensor | None = None
     _write: tuple[tuple[Any, ...], torch.Tensor] | None = None
-    _read: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def write_loc(
         self, batch: int, capacity: int, start: int, length: int, device: torch.device
@@ -64,14 +72,6 @@ class _SharedState:
             self._write = (key, (rows + torch.arange(start, start + length, device=device)).reshape(-1))
         return self._write[1]
 
-    def read_loc(self, batch: int, capacity: int, length: int, device: torch.device) -> torch.Tensor:
-        """Slots ``[batch * length]`` int64 of positions ``0 .. length-1`` of every row, row-major."""
-        key = (batch, capacity, length, device)
-        if self._read is None or self._read[0] != key:
-            rows = torch.arange(batch, device=device).unsqueeze(1) * capacity
-            self._read = (key, (rows + torch.arange(length, device=device)).reshape(-1))
-        return self._read[1]
-
 
 @dataclass
 class _ErrorStats:
@@ -81,6 +81,51 @@ class _ErrorStats:
     k_ref: torch.Tensor
     v_err: torch.Tensor
     v_ref: torch.Tensor
+
+
+class ReadBuffer:
+    """Dequantized K and V ``[batch, heads, capacity, head_dim]`` of one layer, in the compute dtype.
+
+    Positions ``< filled`` of every row hold exactly what the layer's ``dequantize`` of the
+    stored bytes at those slots gives; later positions are scratch (a multi-token forward puts
+    its fresh K/V there to attend without a concatenation). Generic over what a read is: the
+    owner passes the dequantized values in; the buffer only keeps them and says what is valid.
+    """
+
+    def __init__(
+        self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (batch, heads, capacity, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.filled = 0
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put ``k``/``v`` ``[batch, heads, n, head_dim]`` at positions ``start .. start+n-1``."""
+        end = start + k.shape[-2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+
+    def view(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``0 .. length-1``, ``[batch, heads, length, head_dim]`` views."""
+        return self.k[:, :, :length], self.v[:, :, :length]
+
+    def invalidate_from(self, position: int) -> None:
+        """Positions from ``position`` on no longer hold stored tokens' values."""
+        self.filled = min(self.filled, position)
+
+    def grown(self, capacity: int) -> ReadBuffer:
+        """A buffer of ``capacity`` positions holding this one's filled positions."""
+        batch, heads, _, head_dim = self.k.shape
+        out = ReadBuffer(batch, heads, capacity, head_dim, self.k.dtype, self.k.device)
+        out.write(0, *self.view(self.filled))
+        out.filled = self.filled
+        return out
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (in that order, repeats allowed)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
 
 
 @dataclass
@@ -124,6 +169,10 @@ class QuantKVLayer(CacheLayerMixin):
         :data:`CAPACITY_CHUNK` when exceeded.
     v_method:
         The storage format of V (default: ``method``).
+    rotation:
+        Q/K rotation of the stored K (after centering), or None: the buffers hold
+        ``rotation.apply(K - k_offset)``; the gather read rotates K back (``H`` is its own
+        inverse), the fused read rotates the query instead (:mod:`fp4kv_cli.fused_attention`).
     """
 
     is_sliding = False
@@ -138,8 +187,10 @@ class QuantKVLayer(CacheLayerMixin):
         k_offset: torch.Tensor | None = None,
         capacity_hint: int | None = None,
         v_method: KVCacheMethod | None = None,
+        rotation: QKRotation | None = None,
     ) -> None:
         super().__init__()
+        self.rotation = rotation
         self.k_method = method
         self.v_method = method if v_method is None else v_method
         self.shared = shared
@@ -150,6 +201,8 @@ class QuantKVLayer(CacheLayerMixin):
         self.k_offset = k_offset
         self.capacity_hint = capacity_hint
         self.buffers: _Buffers | None = None
+        #: Stored tokens dequantized once (see :class:`ReadBuffer`); None until the first read.
+        self.read_buffer: ReadBuffer | None = None
         self.batch = 0
         self.capacity = 0
         self.length = 0
@@ -172,6 +225,9 @@ class QuantKVLayer(CacheLayerMixin):
         self.buffers = self._allocate(self.capacity)
         if self.k_offset is not None:
             self.k_offset = self.k_offset.to(device=self.device, dtype=torch.float32)
+        if self.rotation is not None:
+            self.rotation.check_head_dim(self.head_dim)
+            hadamard_matrix(self.rotation.block, self.device)  # made here, not inside a graph capture
         if self.k_scale is not None:
             self.k_scale = self.k_scale.to(self.device)
         if self.v_scale is not None:
@@ -188,18 +244,19 @@ class QuantKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys = key_states if self.k_offset is None else key_states.float() - self.k_offset[:, None, :]
+        stored = keys if self.rotation is None else self.rotation.apply(keys)
         start, new = self.length, key_states.shape[-2]
         if self.static and new == 1:
             # Static decode: the slots come from a device tensor and nothing on the host changes,
             # so a captured step replays correctly; the attention kernel reads the buffers.
-            self._store(self.shared.static_slots, keys, value_states, key_states)
+            self._store(self.shared.static_slots, stored, value_states, key_states)
             self.kernel_step = True
             return key_states, value_states
         if start == 0 and (self.dynamic_k or self.dynamic_v):
-            self._set_dynamic_scales(keys, value_states)
+            self._set_dynamic_scales(stored, value_states)
         self._ensure_capacity(start + new)
         write = self.shared.write_loc(self.batch, self.capacity, start, new, self.device)
-        self._store(write, keys, value_states, key_states)
+        self._store(write, stored, value_states, key_states)
         self.length = start + new
         if new == 1:
             if self._fusable is None:  # formats, dtype and device are fixed from here on
@@ -211,8 +268,9 @@ class QuantKVLayer(CacheLayerMixin):
         fresh_k = keys.to(self.dtype)
         if start == 0:
             return fresh_k, value_states
-        past_k, past_v = self._read(start)
-        return torch.cat([past_k, fresh_k], dim=-2), torch.cat([past_v, value_states], dim=-2)
+        self._read(start)
+        self.read_buffer.write(start, fresh_k, value_states)  # scratch: past the filled positions
+        return self.read_buffer.view(start + new)
 
     @property
     def static(self) -> bool:
@@ -244,6 +302,7 @@ class QuantKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop the stored tokens (and dynamic scales); buffers are reallocated on the next update."""
         self.buffers = None
+        self.read_buffer = None
         self.length = self.capacity = self.batch = 0
         self.is_initialized = False
         self._fusable = None
@@ -257,6 +316,8 @@ class QuantKVLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         self.length = max(0, self.length + tokens_to_remove)
+        if self.read_buffer is not None:
+            self.read_buffer.invalidate_from(self.length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder batch rows for beam search."""
@@ -306,7 +367,8 @@ class QuantKVLayer(CacheLayerMixin):
     def _store(
         self, write: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, original_k: torch.Tensor
     ) -> None:
-        """Write ``keys`` (already centered) and ``values`` ``[batch, heads, T, dim]`` at slots ``write``."""
+        """Write ``keys`` (already centered and rotated) and ``values`` ``[batch, heads, T, dim]`` at
+        slots ``write``."""
         flat_k, flat_v = _to_rows(keys), _to_rows(values)
         b = self.buffers
         self.k_method.store(b.k, b.k_scale, write, flat_k, self.k_scale)
@@ -324,17 +386,42 @@ class QuantKVLayer(CacheLayerMixin):
             dst.view(self.batch, self.capacity, *dst.shape[1:])[:, :old_capacity] = src.view(
                 self.batch, old_capacity, *src.shape[1:]
             )
+        if self.read_buffer is not None:
+            self.read_buffer = self.read_buffer.grown(self.capacity)
 
     def _read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = self.shared.read_loc(self.batch, self.capacity, length, self.device)
+        """K and V ``[batch, heads, length, head_dim]`` of the first ``length`` stored tokens:
+        views of the read buffer, after dequantizing the stored tokens it does not hold yet."""
+        if self.read_buffer is None:
+            self.read_buffer = ReadBuffer(
+                self.batch, self.heads, self.capacity, self.head_dim, self.dtype, self.device
+            )
+        rb = self.read_buffer
+        if rb.filled < length:
+            k, v = self._dequantize(rb.filled, length - rb.filled)
+            rb.write(rb.filled, k, v)
+            rb.filled = length
+        return rb.view(length)
+
+    def _dequantize(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[batch, heads, count, head_dim]`` (compute dtype) of positions
+        ``start .. start+count-1`` of every row, dequantized from the stored bytes."""
+        loc = self.shared.write_loc(self.batch, self.capacity, start, count, self.device)
         b = self.buffers
-        k = self.k_method.dequantize(b.k, b.k_scale, loc, self.k_scale, self.dtype)
+        if self.rotation is None:
+            k = self.k_method.dequantize(b.k, b.k_scale, loc, self.k_scale, self.dtype)
+        else:  # back to the basis of the unrotated query, in fp32, rounded once
+            k = self.k_method.dequantize(b.k, b.k_scale, loc, self.k_scale, torch.float32)
+            k = self.rotation.apply(k).to(self.dtype)
         v = self.v_method.dequantize(b.v, b.v_scale, loc, self.v_scale, self.dtype)
         return _from_rows(k, self.batch), _from_rows(v, self.batch)
 
     def _set_dynamic_scales(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Per-tensor scales of the dynamic tensors (only those) from the amax of the real
-        (unmasked) prefill tokens; no host sync."""
+        (unmasked) prefill tokens; no host sync. Tokens dequantized with the old scales are dropped
+        from the read buffer."""
+        if self.read_buffer is not None:
+            self.read_buffer.invalidate_from(0)
         if self.dynamic_k:  # scale per unit amax (host floats)
             k_unit = float(self.k_method.scale_from_amax(1.0))
             self.k_scale = (self._real_amax(keys) * k_unit).clamp(min=torch.finfo(torch.float32).tiny)
@@ -382,14 +469,17 @@ class QuantKVLayer(CacheLayerMixin):
             return view.index_select(0, rows).reshape(-1, *t.shape[1:])
 
         self.buffers = self.buffers.map(pick)
+        if self.read_buffer is not None:
+            self.read_buffer.select_rows(rows)
         self.batch = rows.numel()
 
 
 class QuantKVCache(Cache):
     """A transformers ``Cache`` of :class:`QuantKVLayer` s, one per decoder layer.
 
-    The constructor gives every layer the same format; :meth:`from_recipe` picks the K and V
-    format of each layer.
+    Every cache is built from a :class:`~fp4kv_cli.quant.storage.KVStorage` (each layer's K and V
+    formats, scales, K offset and rotation; :meth:`from_storage`). The constructor and
+    :meth:`for_model` are shorthands for one format on every layer.
 
     Parameters
     ----------
@@ -404,6 +494,8 @@ class QuantKVCache(Cache):
         ``[num_layers, heads, head_dim]`` K centering offsets, or None.
     capacity_hint:
         Tokens per batch row to allocate up front (e.g. longest prompt + max new tokens).
+    rotation:
+        Q/K rotation of every layer's stored K (after centering), or None.
     """
 
     def __init__(
@@ -413,17 +505,23 @@ class QuantKVCache(Cache):
         scales: LayerScales | None = None,
         k_offsets: torch.Tensor | None = None,
         capacity_hint: int | None = None,
+        rotation: QKRotation | None = None,
     ) -> None:
         if scales is not None and (len(scales.k) != num_layers or len(scales.v) != num_layers):
             raise FP4KVError(
                 f"scales cover {len(scales.k)} layers but the model has {num_layers}; "
                 "calibrate this model with fp4kv calibrate"
             )
-        k_scales = [None] * num_layers if scales is None else list(scales.k)
-        v_scales = [None] * num_layers if scales is None else list(scales.v)
-        self._build_layers(
-            [method] * num_layers, [method] * num_layers, k_scales, v_scales, k_offsets, capacity_hint
-        )
+        _check_offsets(k_offsets, num_layers)
+        storage = KVStorage.uniform(method, num_layers, k_offsets=k_offsets, rotation=rotation)
+        if scales is not None:
+            storage = KVStorage(
+                tuple(
+                    replace(layer, k_scale=scales.k[i], v_scale=scales.v[i])
+                    for i, layer in enumerate(storage.layers)
+                )
+            )
+        self._build_layers(storage, capacity_hint)
 
     @classmethod
     def for_model(
@@ -433,72 +531,43 @@ class QuantKVCache(Cache):
         scales: LayerScales | None = None,
         k_offsets: torch.Tensor | None = None,
         capacity_hint: int | None = None,
+        rotation: QKRotation | None = None,
     ) -> QuantKVCache:
         """A cache sized for a transformers model ``config`` (its decoder text config)."""
-        return cls(method, _num_layers(config), scales, k_offsets, capacity_hint)
+        return cls(method, _num_layers(config), scales, k_offsets, capacity_hint, rotation)
 
     @classmethod
-    def from_recipe(
-        cls,
-        config: Any,
-        k_methods: Sequence[KVCacheMethod],
-        v_methods: Sequence[KVCacheMethod],
-        k_scales: Sequence[torch.Tensor | None] | None = None,
-        v_scales: Sequence[torch.Tensor | None] | None = None,
-        k_offsets: torch.Tensor | None = None,
-        capacity_hint: int | None = None,
-    ) -> QuantKVCache:
-        """A cache for a transformers model ``config`` with a K and a V format per layer.
-
-        Parameters
-        ----------
-        k_methods, v_methods:
-            One method per decoder layer for K and for V.
-        k_scales, v_scales:
-            Per layer, the 0-dim float32 scale of that layer's K / V method, or None (dynamic,
-            or a method without a tensor scale); None for all dynamic.
-        k_offsets:
-            ``[num_layers, heads, head_dim]`` K centering offsets, or None.
-        """
+    def from_storage(cls, config: Any, storage: KVStorage, capacity_hint: int | None = None) -> QuantKVCache:
+        """A cache for a transformers model ``config`` storing each layer as ``storage`` says."""
         num_layers = _num_layers(config)
-        k_scales = [None] * num_layers if k_scales is None else list(k_scales)
-        v_scales = [None] * num_layers if v_scales is None else list(v_scales)
-        for what, values in (("K formats", k_methods), ("V formats", v_methods),
-                             ("K scales", k_scales), ("V scales", v_scales)):  # fmt: skip
-            if len(values) != num_layers:
-                raise FP4KVError(
-                    f"recipe has {len(values)} {what} but the model has {num_layers} layers; "
-                    "give one per layer (fp4kv analyze --write-recipe writes a matching file)"
-                )
+        if storage.num_layers != num_layers:
+            raise FP4KVError(
+                f"the KV storage has {storage.num_layers} layers but the model has {num_layers}; "
+                "give one per layer (fp4kv analyze --write-recipe writes a matching file)"
+            )
         cache = cls.__new__(cls)
-        cache._build_layers(k_methods, v_methods, k_scales, v_scales, k_offsets, capacity_hint)
+        cache._build_layers(storage, capacity_hint)
         return cache
 
-    def _build_layers(
-        self,
-        k_methods: Sequence[KVCacheMethod],
-        v_methods: Sequence[KVCacheMethod],
-        k_scales: Sequence[torch.Tensor | None],
-        v_scales: Sequence[torch.Tensor | None],
-        k_offsets: torch.Tensor | None,
-        capacity_hint: int | None,
-    ) -> None:
-        """One :class:`QuantKVLayer` per entry of the (equally long) per-layer lists."""
-        _check_offsets(k_offsets, len(k_methods))
+    def _build_layers(self, storage: KVStorage, capacity_hint: int | None) -> None:
+        """One :class:`QuantKVLayer` per layer of ``storage``."""
         self.shared = _SharedState()
         #: How the last static decode ran (``graph`` / ``static``), None if there was none.
         self.static_decode: str | None = None
+        #: What this cache stores, layer by layer.
+        self.storage = storage
         layers = [
             QuantKVLayer(
-                k_methods[i],
+                layer.k_method,
                 self.shared,
-                k_scale=k_scales[i],
-                v_scale=v_scales[i],
-                k_offset=None if k_offsets is None else k_offsets[i],
+                k_scale=layer.k_scale,
+                v_scale=layer.v_scale,
+                k_offset=layer.k_offset,
                 capacity_hint=capacity_hint,
-                v_method=v_methods[i],
+                v_method=layer.v_method,
+                rotation=layer.rotation,
             )
-            for i in range(len(k_methods))
+            for layer in storage.layers
         ]
         Cache.__init__(self, layers=layers)
 
@@ -532,6 +601,8 @@ class QuantKVCache(Cache):
         self.static_decode = "graph" if replayed else "static"
         for layer in self.layers:
             layer.length = length
+            if layer.read_buffer is not None:
+                layer.read_buffer.invalidate_from(length)
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""

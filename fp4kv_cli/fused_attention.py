@@ -127,11 +127,15 @@ def layer_attention(
 ) -> torch.Tensor:
     """Attention of ``query [batch, q_heads, 1, head_dim]`` over ``layer``'s filled slots, read
     from its buffers by the kernel, with ``token_mask [batch, length]`` bool (True = attend) or
-    None; returns ``[batch, 1, q_heads, head_dim]`` as transformers' attention functions do."""
+    None; returns ``[batch, 1, q_heads, head_dim]`` as transformers' attention functions do. A
+    layer that stores K rotated is read with the query rotated the same way (rounded to its dtype,
+    as engines that rotate Q and K do)."""
     kernels = decode_kernels()
+    if layer.rotation is not None:
+        query = layer.rotation.apply(query).to(query.dtype)
     b = layer.buffers
-    k = kernels.KVSource(layer.k_method.name, b.k, b.k_scale, layer.k_scale)
-    v = kernels.KVSource(layer.v_method.name, b.v, b.v_scale, layer.v_scale)
+    k = kernels.KVSource(layer.k_method.layout, b.k, b.k_scale, layer.k_scale)
+    v = kernels.KVSource(layer.v_method.layout, b.v, b.v_scale, layer.v_scale)
     out = kernels.decode_attention(
         query[:, :, 0], k, v, layer.read_length, layer.capacity, token_mask, scaling
     )
@@ -200,7 +204,7 @@ def _reads(
     of ``head_dim`` on ``device``."""
     kernels = decode_kernels()
     return kernels is not None and all(
-        kernels.can_read(method.name, buffer_dtype, dtype, head_dim, device)
+        kernels.can_read(method.layout, buffer_dtype, dtype, head_dim, device)
         for method, buffer_dtype in formats
     )
 

@@ -12,13 +12,12 @@ lands on the finer part of the E2M1 grid), and keeps whichever reconstructs the 
 smaller squared error. Readers are unchanged (a block scale is a block scale), so it is a
 write-path-only choice.
 
-This script measures both before any kernel carries them: teacher-forced fidelity (mean KL vs
-the bf16 cache, top-1 agreement) on GSM8K test prompts + gold answers, through ``fp4kv eval
-gsm8k``'s own fidelity path, once with the shipped rule, once with the PyTorch reference quantizer
-replaced by the 4-over-6 one (every run uses the PyTorch backend, ``FP4KV_BACKEND=torch``, which
-calls the reference, so every K and V write of the cache goes through it; on a GPU too), and once
-with the shipped rule per ``--amax-factors`` value ``f != 1`` (every layer's K and V amax in the
-scales file multiplied by ``f``). Prints machine, versions and the figures, saves them as JSON.
+This script measures both: teacher-forced fidelity (mean KL vs the bf16 cache, top-1 agreement)
+on GSM8K test prompts + gold answers, through ``fp4kv eval gsm8k``'s own fidelity path, with the
+shipped rule (``nvfp4``), with the shipped ``nvfp4_4over6`` format (the 4-over-6 writer, as vLLM's
+``--kv-cache-dtype nvfp4_4over6``: see fp4kv_cli/quant/reference.py), and with the shipped rule
+per ``--amax-factors`` value ``f != 1`` (every layer's K and V amax in the scales file multiplied
+by ``f``). Prints machine, versions and the figures, saves them as JSON.
 
 usage: python scripts/block_scale_rule.py --model DIR --scales scales.json [--samples 16]
        [--amax-factors 1,0.75,0.5] [--device auto] [--out block_scale_rule.json]
@@ -27,14 +26,11 @@ usage: python scripts/block_scale_rule.py --model DIR --scales scales.json [--sa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
 import sys
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -46,42 +42,6 @@ from rich.table import Table
 
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.evaluate.runner import EvalSettings, run_gsm8k
-from fp4kv_cli.quant import reference
-from fp4kv_cli.quant.formats import e2m1_decode, e4m3_decode, pack_nibbles
-
-#: 1 / (E2M1 value the block max is mapped to): 6 first, as the shipped writer rounds it (its
-#: float32 1/6), so ties keep the shipped choice; 1/4 is exact.
-CANDIDATE_RECIPROCALS = (reference._ONE_SIXTH, 0.25)
-
-
-def nvfp4_quantize_four_over_six(
-    x: torch.Tensor, global_scale: float | torch.Tensor, check: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 quantize like :func:`reference.nvfp4_quantize_reference`, each block's scale the
-    better (smaller squared reconstruction error) of ``max -> 6`` and ``max -> 4``."""
-    if check:
-        reference.check_finite(x)
-        reference.check_global_scale(global_scale)
-    blocks = reference._blocks(x)
-    g = reference.as_global_scale(global_scale, x.device)
-    best_err = best_codes = best_sf = None
-    for reciprocal_top in CANDIDATE_RECIPROCALS:
-        sf_byte, codes = reference._nvfp4_encode(blocks, g, reciprocal_top)
-        read = (e2m1_decode(codes) * e4m3_decode(sf_byte).unsqueeze(-1)) * g  # the NVFP4 reader's fp32
-        err = ((read - blocks) ** 2).sum(dim=-1)
-        if best_err is None:
-            best_err, best_codes, best_sf = err, codes, sf_byte
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
-        best_sf = torch.where(better, sf_byte, best_sf)
-    return pack_nibbles(best_codes.reshape(x.shape[0], -1)), best_sf
-
-
-def four_over_six() -> contextlib.AbstractContextManager:
-    """Route the reference NVFP4 quantizer (the PyTorch backend's) through the 4-over-6 rule."""
-    return mock.patch.object(reference, "nvfp4_quantize_reference", nvfp4_quantize_four_over_six)
 
 
 def scaled_scales(path: str, factor: float, folder: Path) -> str:
@@ -98,21 +58,27 @@ def scaled_scales(path: str, factor: float, folder: Path) -> str:
     return str(scaled)
 
 
-def fidelity(args: argparse.Namespace, scales: str, out: Path, name: str) -> dict[str, float]:
-    """Positions, KL, top-1 and mean per-layer K / V relative error of nvfp4 vs bf16 (the eval's
+def fidelity(
+    args: argparse.Namespace, scales: str, out: Path, name: str, formats: tuple[str, ...] = ("nvfp4",)
+) -> dict[str, dict[str, float]]:
+    """Per format: positions, KL, top-1 and mean per-layer K / V relative error vs bf16 (the eval's
     fidelity; generation cut to one token)."""
     settings = EvalSettings(
-        model=args.model, kv_dtypes=("bf16", "nvfp4"), scales=scales, limit=args.samples,
+        model=args.model, kv_dtypes=("bf16", *formats), scales=scales, limit=args.samples,
         batch_size=args.samples, max_new_tokens=1, device=args.device, fidelity_samples=args.samples,
         out=str(out), run_name=name, decode_attention="gather",
     )  # fmt: skip
-    row = run_gsm8k(settings, Console(stderr=True))["results"]["nvfp4"]["fidelity"]
+    results = run_gsm8k(settings, Console(stderr=True))["results"]
+    rows = {kv: results[kv]["fidelity"] for kv in formats}
     return {
-        "positions": row["tokens"],
-        "kl": row["kl"],
-        "top1": row["top1"],
-        "k_rel_error": sum(row["k_rel_error"]) / len(row["k_rel_error"]),
-        "v_rel_error": sum(row["v_rel_error"]) / len(row["v_rel_error"]),
+        kv: {
+            "positions": row["tokens"],
+            "kl": row["kl"],
+            "top1": row["top1"],
+            "k_rel_error": sum(row["k_rel_error"]) / len(row["k_rel_error"]),
+            "v_rel_error": sum(row["v_rel_error"]) / len(row["v_rel_error"]),
+        }
+        for kv, row in rows.items()
     }
 
 
@@ -125,21 +91,21 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="block_scale_rule.json")
     args = parser.parse_args()
-    os.environ["FP4KV_BACKEND"] = "torch"  # the rule exists only in the reference: both runs use it
     factors = [float(f) for f in args.amax_factors.split(",") if float(f) != 1.0]
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
-        shipped = fidelity(args, args.scales, Path(tmp), "max-to-6")
-        with four_over_six():
-            candidate = fidelity(args, args.scales, Path(tmp), "four-over-six")
+        rules = fidelity(args, args.scales, Path(tmp), "rules", ("nvfp4", "nvfp4_4over6"))
+        shipped, candidate = rules["nvfp4"], rules["nvfp4_4over6"]
         clipped = {
-            f"{f:g}": fidelity(args, scaled_scales(args.scales, f, Path(tmp)), Path(tmp), f"amax-x{f:g}")
+            f"{f:g}": fidelity(args, scaled_scales(args.scales, f, Path(tmp)), Path(tmp), f"amax-x{f:g}")[
+                "nvfp4"
+            ]
             for f in factors
         }
     table = Table(title=f"NVFP4 writer choices, {args.model}, {args.samples} GSM8K test prompts + answers")
     for column in ("rule", *shipped):
         table.add_column(column, justify="right")
-    rows = [("max -> 6, g from amax (shipped)", shipped), ("4 over 6, g from amax", candidate)]
+    rows = [("max -> 6, g from amax (nvfp4)", shipped), ("4 over 6, g from amax (nvfp4_4over6)", candidate)]
     rows += [(f"max -> 6, g from {f} x amax", row) for f, row in clipped.items()]
     for rule, row in rows:
         table.add_row(rule, *(f"{value:.4g}" for value in row.values()))

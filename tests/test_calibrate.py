@@ -258,6 +258,9 @@ def test_cli_writes_scales_and_refuses_to_overwrite(
     assert out.read_text() == before
     result = _run(*args, "--num-samples", "2", "--out", str(out), "--overwrite")
     assert result.exit_code == 0 and json.loads(out.read_text())["calibration"]["num_samples"] == 2
+    result = _run(*args, "--center-k", "--qk-rotation", "head_dim", "--out", str(out), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["k_rotation"] == {"kind": "hadamard", "block": 16}
 
 
 def test_cli_bad_inputs(tiny_llama_dir: Path, jsonl: Path, tmp_path: Path) -> None:
@@ -275,6 +278,8 @@ def test_cli_bad_inputs(tiny_llama_dir: Path, jsonl: Path, tmp_path: Path) -> No
         (model, [*data, "--text-field", "body"], "has no field 'body'"),
         (model, [*data, "--seq-len", "0"], "--seq-len must be > 0"),
         (model, [*data, "--batch-size", "-1"], "--batch-size must be > 0"),
+        (model, [*data, "--qk-rotation", "12"], "--qk-rotation block must be a power of 2"),
+        (model, [*data, "--qk-rotation", "32"], "does not divide head_dim 16"),
     ]
     for model_args, data_args, needle in cases:
         _one_line_error(_run(*model_args, *data_args, "--device", "cpu", "--out", str(out)), needle)

@@ -46,6 +46,22 @@ def test_eval_writes_side_by_side_results(tiny_llama_dir: Path, tmp_path: Path) 
         assert sorted(r["index"] for r in records) == [0, 1, 2]
         assert {"question", "gold", "output", "strict", "flexible", "strict_correct"} <= set(records[0])
     assert (run / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["prefill_chunk"] == 16384 and results["nvfp4"]["batch_size"] == 2
+
+
+def test_default_batch_and_chunked_prefill_on_cpu(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """No --batch-size off CUDA: the fixed default (capped by the questions); a small
+    --prefill-chunk writes the prompts in chunks (recorded per sample)."""
+    args = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--kv-dtype", "nvfp4", "--limit", "3",
+            "--no-fidelity", "--prefill-chunk", "96", "--out", str(tmp_path), "--run-name", "r", *FAST]  # fmt: skip
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    nvfp4 = summary["results"]["nvfp4"]
+    assert summary["batch_size"] == "auto" and nvfp4["batch_size"] == 3
+    assert nvfp4["auto_batch"]["free_bytes"] is None
+    records = _lines(tmp_path / "r" / "samples-nvfp4.jsonl")
+    assert {r["prefill_row_chunk"] for r in records} == {32} and min(r["prompt_tokens"] for r in records) > 32
 
 
 def test_resume_after_a_killed_run(
@@ -140,6 +156,7 @@ def _scales_for_three_layers(path: Path) -> Path:
         (["--kv-dtype", "bf16,int3"], "unknown KV cache dtype 'int3'"),
         (["--limit", "0"], "--limit must be > 0"),
         (["--decode-attention", "paged"], "--decode-attention must be one of graph, fused, gather"),
+        (["--prefill-chunk", "0"], "--prefill-chunk must be > 0"),
         (["--chat"], "has no chat template"),
         (["--scales", "SCALES"], "scales file has 3 layers but the model has 2"),
         (["--out", "BLOCKED"], "is not a folder"),

@@ -427,3 +427,50 @@ def test_api_request_reports_files(llama: Path, scales: Path, tmp_path: Path) ->
         and how[SCALES_SHARD] == "new"
     )
     assert result.report["warnings"][0].startswith("per-head amax reduced")
+
+
+def test_4over6_exports_the_nvfp4_checkpoint_with_its_serving_note(
+    scales: Path, llama: Path, tmp_path: Path
+) -> None:
+    """--kv-dtype nvfp4_4over6 writes exactly the nvfp4 export's scale tensors and quant config
+    (the rule is store-time only) and the report says how to serve it (vLLM's flag)."""
+    outs = {}
+    for kv in ("nvfp4", "nvfp4_4over6"):
+        outs[kv] = tmp_path / kv
+        result = run_export(
+            scales, llama, outs[kv], "--format", "modelopt", "--kv-dtype", kv, "--target", "sm100"
+        )
+        assert result.exit_code == 0, result.output
+    for name in (SCALES_SHARD, "hf_quant_config.json"):
+        assert (outs["nvfp4"] / name).read_bytes() == (outs["nvfp4_4over6"] / name).read_bytes()
+    report = json.loads((outs["nvfp4_4over6"] / "fp4kv_kv_scales.json").read_text())
+    assert report["kv_dtype"] == "nvfp4"
+    assert any("--kv-cache-dtype nvfp4_4over6" in w for w in report["warnings"])
+
+
+def test_rotation_is_exported_for_sglang_and_modelopt_and_inspect_reads_it(
+    llama: Path, tmp_path: Path
+) -> None:
+    """A scales file calibrated with --qk-rotation: the export's report names SGLang's flag (and
+    ModelOpt's rotate config when the block is the whole head), warns that the K scales are of
+    rotated K, and inspect reads the rotation back from the scales file, the sidecar and the folder."""
+    for block, modelopt in ((16, "NVFP4_KV_ROTATE_CFG"), (8, None)):  # head_dim 16
+        data = scales_dict(llama, offset=True)
+        data["k_rotation"] = {"kind": "hadamard", "block": block}
+        source = write_scales(tmp_path / f"rot{block}.json", data)
+        out = tmp_path / f"out{block}"
+        result = run_export(
+            source, llama, out, "--format", "modelopt", "--kv-dtype", "nvfp4", "--target", "sm100"
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "fp4kv_kv_scales.json").read_text())
+        rotation = report["qk_rotation"]
+        assert rotation["block"] == block and rotation["sglang"] == f"--qkrot-block {block}"
+        assert rotation["modelopt"] == modelopt
+        assert any("Hadamard-rotated K" in w for w in report["warnings"])
+        for path in (source, out / "fp4kv_kv_scales.json", out):
+            seen = inspect_path(path)
+            assert seen["qk_rotation"]["block"] == block
+            assert any(f"--qkrot-block {block}" in h for h in seen["hazards"])
+    plain = inspect_path(write_scales(tmp_path / "plain.json", scales_dict(llama)))
+    assert plain["qk_rotation"] is None

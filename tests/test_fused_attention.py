@@ -23,6 +23,7 @@ from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.models import cache_argument
 from fp4kv_cli.quant.methods import LayerScales
 from fp4kv_cli.quant.registry import get_kv_cache_method
+from fp4kv_cli.quant.rotation import QKRotation
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -130,9 +131,12 @@ def test_gpu_kernel_equals_attention_over_dequantized_values(
         check_kernel(decode_attention, k_fmt, v_fmt, dtype, "cuda", splits, batch=5, length=700, dim=128)
 
 
-def generate(folder: Path, fmt: str, device: str, fused: bool) -> tuple[Any, QuantKVCache, list[bool]]:
-    """Greedy generation with left padding (fp32 tiny model) through a ``fmt`` cache; returns the
-    output, the cache and, per decode step and layer, whether the fused kernel served it."""
+def generate(
+    folder: Path, fmt: str, device: str, fused: bool, rotation: QKRotation | None = None
+) -> tuple[Any, QuantKVCache, list[bool]]:
+    """Greedy generation with left padding (fp32 tiny model) through a ``fmt`` cache (with
+    ``rotation``: K centered on random offsets, then rotated); returns the output, the cache and,
+    per decode step and layer, whether the fused kernel served it."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(device)
     text = model.config.get_text_config()
     gen = torch.Generator().manual_seed(7)
@@ -144,7 +148,13 @@ def generate(folder: Path, fmt: str, device: str, fused: bool) -> tuple[Any, Qua
     method = get_kv_cache_method(fmt, dtype=torch.float32) if fmt == "bf16" else get_kv_cache_method(fmt)
     scales = LayerScales(k=torch.rand(layers, generator=gen) * 0.01 + 0.002,
                          v=torch.rand(layers, generator=gen) * 0.002 + 0.001)  # fmt: skip
-    cache = QuantKVCache.for_model(model.config, method, scales if method.uses_tensor_scale else None)
+    offsets = None
+    if rotation is not None:
+        head_dim = text.hidden_size // text.num_attention_heads
+        offsets = torch.randn(layers, text.num_key_value_heads, head_dim, generator=gen).to(device) * 0.3
+    cache = QuantKVCache.for_model(
+        model.config, method, scales if method.uses_tensor_scale else None, offsets, rotation=rotation
+    )
     served: list[bool] = []
     kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 16, "min_new_tokens": 16,
               "do_sample": False, "pad_token_id": 0, "output_scores": True, "return_dict_in_generate": True}  # fmt: skip
@@ -169,9 +179,9 @@ def generate(folder: Path, fmt: str, device: str, fused: bool) -> tuple[Any, Qua
     return out, cache, served
 
 
-def check_generation(folder: Path, fmt: str, device: str) -> None:
-    fused, _, served = generate(folder, fmt, device, fused=True)
-    gathered, _, not_served = generate(folder, fmt, device, fused=False)
+def check_generation(folder: Path, fmt: str, device: str, rotation: QKRotation | None = None) -> None:
+    fused, _, served = generate(folder, fmt, device, fused=True, rotation=rotation)
+    gathered, _, not_served = generate(folder, fmt, device, fused=False, rotation=rotation)
     layers = AutoConfig.from_pretrained(folder).num_hidden_layers
     assert len(served) == 15 * layers and not not_served  # every decode step of every layer
     assert torch.equal(fused.sequences, gathered.sequences)
@@ -190,10 +200,27 @@ def test_fused_generation_equals_gather_path(
     check_generation(tiny_qwen2_dir, fmt, "cpu")
 
 
+@pytest.mark.slow
+def test_fused_generation_with_rotation_equals_gather_path(
+    tiny_qwen2_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Centered + rotated (blocks of 16) nvfp4_4over6 K: the kernel reads rotated K with the rotated
+    query, the gather path rotates K back for SDPA; same tokens, logits within 1e-4 (the full
+    head_dim rotation runs on the GPU and in tests/test_rotation.py)."""
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
+    check_generation(tiny_qwen2_dir, "nvfp4_4over6", "cpu", QKRotation(16))
+
+
 @CUDA
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4", "blockfp4"])
 def test_gpu_fused_generation_equals_gather_path(tiny_qwen2_dir: Path, fmt: str) -> None:
     check_generation(tiny_qwen2_dir, fmt, "cuda")
+
+
+@CUDA
+@pytest.mark.parametrize("block", [16, 32])
+def test_gpu_fused_generation_with_rotation_equals_gather_path(tiny_qwen2_dir: Path, block: int) -> None:
+    check_generation(tiny_qwen2_dir, "nvfp4_4over6", "cuda", QKRotation(block))
 
 
 def test_fused_decode_leaves_other_caches_alone(tiny_llama_dir: Path, interpreted_attention: ModuleType,

@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from test_kernels_triton import (
     DTYPES,
     FORMATS,
+    READ_FORMATS,
     amax_scale,
     assert_same_bits,
     fmt_scale,
+    four_over_six_blocks,
     global_scales,
     random_bits,
     special_rows,
@@ -82,6 +84,18 @@ def test_special_values_tiled(dtype: torch.dtype) -> None:
     check_against_cpu_reference("blockfp4", x, None)
     for g in global_scales(x):
         check_against_cpu_reference("nvfp4", x, g)
+        check_against_cpu_reference("nvfp4_4over6", x, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_4over6_choice_cases_tiled(dtype: torch.dtype) -> None:
+    """The constructed 4-vs-6 blocks (rounding ties of both grids, exact ties, underflow,
+    saturation) and tie blocks, tiled over many rows: the GPU kernel takes the reference's choice."""
+    x = torch.cat(
+        [four_over_six_blocks().repeat(512, 4), tie_blocks(3072, 4, torch.Generator().manual_seed(15))]
+    )
+    for g in (torch.tensor(1.0), torch.tensor(0.37), amax_scale(x)):
+        check_against_cpu_reference("nvfp4_4over6", x.to(dtype), g)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -110,7 +124,7 @@ def test_fuzz(
     check_against_cpu_reference(fmt, x, fmt_scale(fmt, g))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", READ_FORMATS)
 def test_dequantize_every_byte(fmt: str) -> None:
     gen = torch.Generator().manual_seed(13)
     packed = torch.randint(0, 256, (8192, 64), generator=gen, dtype=torch.uint8)

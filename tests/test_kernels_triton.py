@@ -21,11 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp4kv_cli.quant import backend as backend_module
-from fp4kv_cli.quant.backend import BackendUnavailableError, TorchBackend
+from fp4kv_cli.quant.backend import NVFP4_WRITERS, BackendUnavailableError, TorchBackend
 from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX
 from fp4kv_cli.quant.kernels import FlashInferBackend, TritonBackend
 
-FORMATS = ("nvfp4", "blockfp4")
+FORMATS = ("nvfp4", "nvfp4_4over6", "blockfp4")
+#: The block layouts the readers decode (``nvfp4_4over6`` writes the ``nvfp4`` one).
+READ_FORMATS = ("nvfp4", "blockfp4")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Exact E2M1 rounding ties (in units of the block scale).
 TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
@@ -143,7 +145,7 @@ def check_quantize(backend: TorchBackend, fmt: str, x: torch.Tensor, g: torch.Te
 
 
 def fmt_scale(fmt: str, g: torch.Tensor) -> torch.Tensor | None:
-    return g if fmt == "nvfp4" else None
+    return g if fmt in NVFP4_WRITERS else None
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -184,7 +186,8 @@ def test_special_values_match_reference(triton_backend: TorchBackend, dtype: tor
     x = special_rows().to(dtype)
     check_quantize(triton_backend, "blockfp4", x, None)
     for g in global_scales(x):
-        check_quantize(triton_backend, "nvfp4", x, g)
+        for fmt in NVFP4_WRITERS:
+            check_quantize(triton_backend, fmt, x, g)
 
 
 def test_subnormal_and_zero_e4m3_scales(triton_backend: TorchBackend) -> None:
@@ -192,7 +195,8 @@ def test_subnormal_and_zero_e4m3_scales(triton_backend: TorchBackend) -> None:
     gen = torch.Generator().manual_seed(3)
     magnitude = torch.pow(2.0, torch.empty(16, 4, 1).uniform_(-13, -4, generator=gen))
     x = (torch.randn(16, 4, 16, generator=gen) * magnitude).reshape(16, 64)
-    check_quantize(triton_backend, "nvfp4", x, torch.tensor(1.0))
+    for fmt in NVFP4_WRITERS:
+        check_quantize(triton_backend, fmt, x, torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("shape", [(1, 16), (5, 48), (2, 16 * 65)])
@@ -219,7 +223,7 @@ def test_fuzz_random_bit_patterns(
     check_quantize(kernels.TritonBackend(), fmt, x, fmt_scale(fmt, torch.tensor(2.0**log2_g)))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", READ_FORMATS)
 def test_dequantize_arbitrary_bytes(triton_backend: TorchBackend, fmt: str) -> None:
     """Every packed and scale byte value, NaN/inf/negative E4M3 scales and UE8M0 255 included."""
     packed = ((torch.arange(256 * 16) * 7) % 256).to(torch.uint8).reshape(256, 16)
@@ -261,6 +265,39 @@ def test_fused_store_and_gather_scattered_slots(
             triton_backend.dequantize_gather(fmt, data, scales, where, g, dtype),
             TorchBackend().dequantize_gather(fmt, data, scales, where, g, dtype),
         )
+
+
+def four_over_six_blocks() -> torch.Tensor:
+    """fp32 ``[6, 16]``: the constructed 4-vs-6 blocks of tests/test_quant_reference.py (g = 1)."""
+    rows = [
+        [6.0] + [5.0] * 15,
+        [6.0, 3.0, 1.5, 0.5, -3.0],
+        [6.0, -3.0, 1.5],
+        [6.0, 3.0, 1.5, 0.75],
+        [2.5 * 2.0**-9, 2.0**-10],
+        [6.0 * 448, 17.0],
+    ]
+    return torch.tensor([row + [0.0] * (16 - len(row)) for row in rows])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_4over6_choice_cases_match_reference(triton_backend: TorchBackend, dtype: torch.dtype) -> None:
+    """The kernel takes the reference's 4-vs-6 decision on the constructed blocks (both grids'
+    rounding ties, exact ties, an underflowing and a saturating candidate) and on tie blocks,
+    and writes the same bytes into scattered cache slots."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.cat([four_over_six_blocks(), tie_blocks(6, 1, gen)]).to(dtype)
+    check_quantize(triton_backend, "nvfp4_4over6", x, torch.tensor(1.0))
+    check_quantize(triton_backend, "nvfp4_4over6", x * 3, torch.tensor(0.37))
+    rows = x.reshape(4, 3, 16)
+    loc = torch.tensor([5, 0, 7, 2])
+    stored = []
+    for backend in (triton_backend, TorchBackend()):
+        data = torch.zeros(8, 3, 8, dtype=torch.uint8)
+        scales = torch.zeros(8, 3, 1, dtype=torch.uint8)
+        backend.quantize_and_store("nvfp4_4over6", data, scales, loc, rows, torch.tensor(1.0))
+        stored.append((data, scales))
+    assert all(torch.equal(a, b) for a, b in zip(*stored))
 
 
 def _variant_id(variant: dict[str, object]) -> str:

@@ -136,8 +136,10 @@ def test_loglikelihood_through_the_bf16_cache_equals_plain_hflm(tiny_llama_dir: 
         theirs = rows[ours["doc_id"]]
         assert (ours["acc"], ours["acc_norm"]) == (theirs["acc"], theirs["acc_norm"])
         for mine, want, q in zip(ours["resps"], theirs["resps"], quant["resps"]):
-            assert mine[0][0] == pytest.approx(want[0][0], abs=1e-4) and mine[0][1] == want[0][1]
-            differs += abs(q[0][0] - want[0][0]) > 1e-3  # nvfp4 storage really changes the scores
+            # the bf16 cache stores 16-bit K/V even for this fp32 model: log-likelihoods agree to that
+            # rounding (measured max 4.6e-4), nvfp4 storage moves them further (up to 1.6e-2)
+            assert mine[0][0] == pytest.approx(want[0][0], abs=1e-3) and mine[0][1] == want[0][1]
+            differs += abs(q[0][0] - want[0][0]) > 5e-3  # nvfp4 storage really changes the scores
     assert differs > 0
 
 

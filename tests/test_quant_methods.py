@@ -25,12 +25,12 @@ from fp4kv_cli.quant.reference import (
 
 
 def test_registry_names_and_unknown_name_lists_known() -> None:
-    assert set(FP4_KV_CACHE_QUANT_REGISTRY) == {"nvfp4", "blockfp4"}
-    assert set(KV_CACHE_METHOD_REGISTRY) == {"bf16", "fp8", "nvfp4", "blockfp4"}
+    assert set(FP4_KV_CACHE_QUANT_REGISTRY) == {"nvfp4", "nvfp4_4over6", "blockfp4"}
+    assert set(KV_CACHE_METHOD_REGISTRY) == {"bf16", "fp8", "nvfp4", "nvfp4_4over6", "blockfp4"}
     assert isinstance(get_fp4_kv_cache_quant_method("NVFP4"), NVFP4KVMethod)
-    with pytest.raises(FP4KVError, match="known: nvfp4, blockfp4"):
+    with pytest.raises(FP4KVError, match="known: nvfp4, nvfp4_4over6, blockfp4"):
         get_fp4_kv_cache_quant_method("fp8")
-    with pytest.raises(FP4KVError, match="known: bf16, fp8, nvfp4, blockfp4"):
+    with pytest.raises(FP4KVError, match="known: bf16, fp8, nvfp4, nvfp4_4over6, blockfp4"):
         get_kv_cache_method("int4")
 
 
@@ -46,7 +46,7 @@ def test_fp4_buffer_shapes(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "cell"),
     # Qwen2.5-1.5B: 28 layers, 2 KV heads, head_dim 128; FP4 = (64 + 8) bytes per head.
-    [("bf16", 28672), ("fp8", 14336), ("nvfp4", 8064), ("blockfp4", 8064)],
+    [("bf16", 28672), ("fp8", 14336), ("nvfp4", 8064), ("nvfp4_4over6", 8064), ("blockfp4", 8064)],
 )
 def test_compute_cell_size(name: str, cell: int) -> None:
     assert get_kv_cache_method(name).compute_cell_size(2, 128, 28, 2) == cell
@@ -194,3 +194,25 @@ def test_centering_leaves_attention_unchanged_with_causal_and_padding_masks() ->
     plain = sdpa(q, k, v, attn_mask=mask)
     centered = sdpa(q, k - mu, v, attn_mask=mask)
     torch.testing.assert_close(centered, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_4over6_method_stores_its_bytes_and_reads_as_nvfp4() -> None:
+    """The nvfp4_4over6 method writes the 4-over-6 writer's bytes into nvfp4-shaped buffers, takes
+    nvfp4's scales, and its read path is the nvfp4 reader's (same values from the same bytes)."""
+    from fp4kv_cli.quant.reference import nvfp4_4over6_quantize_reference
+
+    method, plain = get_kv_cache_method("nvfp4_4over6"), NVFP4KVMethod()
+    assert method.layout == "nvfp4" and plain.layout == "nvfp4"
+    assert torch.equal(method.scale_from_amax([3.0, 5.0]), plain.scale_from_amax([3.0, 5.0]))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2, 64, generator=gen) * torch.logspace(-1, 1, 64)
+    g = torch.tensor(float(x.abs().max()) / 2688)
+    buffers = method.create_buffers(8, 2, 64, 1, "cpu")
+    data, scales = buffers["k_buffer"][0], buffers["k_scale_buffer"][0]
+    loc = torch.tensor([7, 1, 3, 0, 5, 2])
+    method.store(data, scales, loc, x, g)
+    packed, block_scales = nvfp4_4over6_quantize_reference(x.reshape(12, 64), g)
+    assert torch.equal(data[loc].reshape(12, 32), packed)
+    assert torch.equal(scales[loc].reshape(12, 4), block_scales)
+    assert torch.equal(method.dequantize(data, scales, loc, g), plain.dequantize(data, scales, loc, g))
+    assert not torch.equal(block_scales, nvfp4_quantize_reference(x.reshape(12, 64), g)[1])

@@ -14,16 +14,25 @@ from typer.testing import CliRunner
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.cli import app
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.evaluate.runner import cache_factory, parse_kv_dtypes, recipe_spec
+from fp4kv_cli.evaluate.runner import cache_factory, parse_kv_dtypes
 from fp4kv_cli.quant import reference
 from fp4kv_cli.quant.methods import BF16KVMethod
 from fp4kv_cli.quant.registry import get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFileError, parse_scales
+from fp4kv_cli.quant.storage import KVStorage, LayerStorage, kv_method
 
 B, H, D = 2, 2, 32
 CONFIG = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=H,
                      head_dim=D, vocab_size=32)  # fmt: skip
 cli = CliRunner()
+
+
+def _storage(
+    k_methods: list, v_methods: list, k_scales: list | None = None, v_scales: list | None = None
+) -> KVStorage:
+    k_scales = k_scales or [None] * len(k_methods)
+    v_scales = v_scales or [None] * len(k_methods)
+    return KVStorage(tuple(LayerStorage(*layer) for layer in zip(k_methods, v_methods, k_scales, v_scales)))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +48,9 @@ def test_mixed_cache_holds_each_formats_reference_bytes_and_accounts_them() -> N
     nvfp4, fp8, blockfp4 = (get_kv_cache_method(n) for n in ("nvfp4", "fp8", "blockfp4"))
     bf16 = BF16KVMethod(torch.bfloat16)
     k_scale, v_scale = torch.tensor(0.002), torch.tensor(0.02)
-    cache = QuantKVCache.from_recipe(CONFIG, [nvfp4, bf16], [fp8, blockfp4], [k_scale, None], [v_scale, None])
+    cache = QuantKVCache.from_storage(
+        CONFIG, _storage([nvfp4, bf16], [fp8, blockfp4], [k_scale, None], [v_scale, None])
+    )
     g = torch.Generator().manual_seed(0)
     kv = [(torch.randn(B, H, 5, D, generator=g), 3 * torch.randn(B, H, 5, D, generator=g)) for _ in range(2)]
     step = [(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)) for _ in range(2)]
@@ -72,7 +83,9 @@ def test_mixed_cache_holds_each_formats_reference_bytes_and_accounts_them() -> N
 
 def test_dynamic_scales_are_per_tensor_and_survive_reset() -> None:
     nvfp4, bf16 = get_kv_cache_method("nvfp4"), BF16KVMethod(torch.float32)
-    cache = QuantKVCache.from_recipe(CONFIG, [nvfp4, bf16], [bf16, nvfp4], None, [None, torch.tensor(0.5)])
+    cache = QuantKVCache.from_storage(
+        CONFIG, _storage([nvfp4, bf16], [bf16, nvfp4], None, [None, torch.tensor(0.5)])
+    )
     k, v = torch.randn(B, H, 4, D), 2 * torch.randn(B, H, 4, D)
     for layer in range(2):
         cache.update(k, v, layer)
@@ -83,19 +96,26 @@ def test_dynamic_scales_are_per_tensor_and_survive_reset() -> None:
     assert cache.layers[1].v_scale == 0.5  # a calibrated scale is kept
 
 
-def test_from_recipe_rejects_wrong_layer_counts() -> None:
+def test_storage_rejects_wrong_layer_counts() -> None:
     nvfp4 = get_kv_cache_method("nvfp4")
-    with pytest.raises(FP4KVError, match="1 K formats but the model has 2 layers"):
-        QuantKVCache.from_recipe(CONFIG, [nvfp4], [nvfp4, nvfp4])
+    with pytest.raises(FP4KVError, match="storage has 1 layers but the model has 2"):
+        QuantKVCache.from_storage(CONFIG, KVStorage.uniform(nvfp4, 1))
+    with pytest.raises(FP4KVError, match="storage has 1 layers but 2 V formats"):
+        KVStorage.build([nvfp4], [nvfp4, nvfp4])
 
 
-def test_recipe_spec_takes_each_layers_scale_from_its_own_method() -> None:
-    spec = recipe_spec(["nvfp4", "bf16"], ["fp8", "blockfp4"], [2.0, 3.0], [4.0, 5.0], torch.float32, "cpu")
-    assert float(spec.k_scales[0]) == pytest.approx(2.0 / 2688) and float(spec.v_scales[0]) == pytest.approx(
+def test_storage_takes_each_layers_scale_from_its_own_method() -> None:
+    methods = [kv_method(name, torch.float32) for name in ("nvfp4", "bf16", "fp8", "blockfp4")]
+    storage = KVStorage.build(methods[:2], methods[2:], [2.0, 3.0], [4.0, 5.0])
+    first, second = storage.layers
+    assert float(first.k_scale) == pytest.approx(2.0 / 2688) and float(first.v_scale) == pytest.approx(
         4 / 448
     )
-    assert spec.k_scales[1] is None and spec.v_scales[1] is None
-    assert [m.name for m in spec.k_methods + spec.v_methods] == ["nvfp4", "bf16", "fp8", "blockfp4"]
+    assert second.k_scale is None and second.v_scale is None
+    assert [(layer.k_method.name, layer.v_method.name) for layer in storage.layers] == [
+        ("nvfp4", "fp8"),
+        ("bf16", "blockfp4"),
+    ]
 
 
 def test_cache_factory_builds_each_kv_dtype_as_the_eval_does() -> None:
@@ -134,7 +154,8 @@ def test_scales_file_recipe_parsing() -> None:
 def test_parse_kv_dtypes_knows_recipe() -> None:
     assert parse_kv_dtypes("bf16, Recipe,bf16") == ("bf16", "recipe")
     with pytest.raises(
-        FP4KVError, match="unknown KV cache dtype 'mxfp4'; known: bf16, fp8, nvfp4, blockfp4, recipe"
+        FP4KVError,
+        match="unknown KV cache dtype 'mxfp4'; known: bf16, fp8, nvfp4, nvfp4_4over6, blockfp4, recipe",
     ):
         parse_kv_dtypes("bf16,mxfp4")
 
@@ -151,9 +172,9 @@ def test_eval_recipe_runs_the_files_formats(tiny_llama_dir: Path, tmp_path: Path
     result = cli.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())["results"]["recipe"]
-    # 2 KV heads x head_dim 16: nvfp4 K 2 * 9, fp8 V 2 * 16, K "bf16" in the fp32 model's dtype 2 * 64,
-    # blockfp4 V 2 * 9 bytes.
-    assert summary["kv_bytes_per_token"] == 18 + 32 + 128 + 18
+    # 2 KV heads x head_dim 16: nvfp4 K 2 * 9, fp8 V 2 * 16, K "bf16" stored as bf16 even though
+    # the model computes in fp32, 2 * 32, blockfp4 V 2 * 9 bytes.
+    assert summary["kv_bytes_per_token"] == 18 + 32 + 64 + 18
     assert summary["scale_source"] == "calibrated" and summary["fidelity"]["kl"] > 0
 
 

@@ -102,7 +102,7 @@ def check_sampled_paths_agree(tiny_llama_dir: Path, device: str) -> None:
     def run(decode: str) -> tuple[torch.Tensor, torch.Tensor]:
         cache = QuantKVCache.for_model(model.config, get_kv_cache_method("blockfp4"), capacity_hint=16)
         last[:] = [cache]
-        return generate_tokens(model, tokenizer, prompts, cache, config, decode, sampler)
+        return generate_tokens(model, tokenizer, prompts, cache, config, decode, sampler=sampler)
 
     static, static_counts = run("graph")
     assert fused_attention.decode_read(last[0]) == ("graph" if device == "cuda" else "static")

@@ -37,14 +37,7 @@ from fp4kv_cli.atomic import atomic_path, write_json_atomic
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.fidelity import Fidelity, measure_fidelity
-from fp4kv_cli.evaluate.runner import (
-    REFERENCE,
-    RecipeSpec,
-    kv_method,
-    load_scales_for,
-    recipe_spec,
-    teacher_forced_samples,
-)
+from fp4kv_cli.evaluate.runner import load_scales_for, teacher_forced_samples
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import (
     DTYPE_NAMES,
@@ -58,6 +51,7 @@ from fp4kv_cli.progress import count_progress, status
 from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod
 from fp4kv_cli.quant.registry import get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile
+from fp4kv_cli.quant.storage import REFERENCE, KVStorage, kv_method
 
 #: Few-shot examples in each teacher-forced sample (lm-eval gsm8k default).
 NUM_FEWSHOT = 5
@@ -85,14 +79,6 @@ class AnalyzeSettings:
     write_recipe: str | None = None
 
 
-@dataclass(frozen=True)
-class _Run:
-    """One cache configuration: per-layer methods and scales, and the K offsets it applies."""
-
-    spec: RecipeSpec
-    k_offsets: torch.Tensor | None
-
-
 def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
     """Run the analysis, write ``analysis.json`` and the heat map in ``settings.out`` (and the
     recipe file if asked) and return the JSON-ready result."""
@@ -110,16 +96,17 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
     amax = _Amax.of(scales_file)
     layers, heads = shape.num_layers, shape.num_kv_heads
 
+    rotation = scales_file.rotation()  # every run stores K as the scales file's amax saw it
+
     def uniform(
         k: Callable[[int], KVCacheMethod],
         v: Callable[[int], KVCacheMethod],
         k_amax: list[float],
         k_offsets: torch.Tensor | None,
-    ) -> _Run:
-        spec = RecipeSpec.from_methods(
-            [k(i) for i in range(layers)], [v(i) for i in range(layers)], k_amax, amax.v, device
-        )
-        return _Run(spec, k_offsets)
+    ) -> KVStorage:
+        return KVStorage.build(
+            [k(i) for i in range(layers)], [v(i) for i in range(layers)], k_amax, amax.v, k_offsets, rotation
+        ).to(device)
 
     bf16 = BF16KVMethod(dtype)
 
@@ -133,7 +120,7 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
         picked[layer] = offsets[layer]
         return picked
 
-    runs: dict[str, _Run] = {}
+    runs: dict[str, KVStorage] = {}
     for i in range(layers):
         runs[f"k{i}"] = uniform(only(i, base), lambda _: bf16, amax.k_raw, None)
         if offsets is not None:
@@ -148,8 +135,7 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
     def make_cache(label: str, capacity_hint: int) -> QuantKVCache:
         if label == REFERENCE:
             return QuantKVCache.for_model(model.config, bf16, None, None, capacity_hint)
-        run = runs[label]
-        return run.spec.cache(model.config, run.k_offsets, capacity_hint)
+        return QuantKVCache.from_storage(model.config, runs[label], capacity_hint)
 
     with count_progress(console) as progress:
         sensitivity = _measure(model, samples, make_cache, list(runs), progress, "sensitivity runs")
@@ -167,7 +153,14 @@ def run_analysis(settings: AnalyzeSettings, console: Console) -> dict[str, Any]:
         all_base, all_upgrade = f"all-{settings.format}", f"all-{settings.upgrade}"
         upgrade = kv_method(settings.upgrade, dtype)
         runs = {
-            "recipe": _Run(recipe_spec(recipe.k, recipe.v, k_amax, amax.v, dtype, device), offsets),
+            "recipe": KVStorage.build(
+                [kv_method(name, dtype) for name in recipe.k],
+                [kv_method(name, dtype) for name in recipe.v],
+                k_amax,
+                amax.v,
+                offsets,
+                rotation,
+            ).to(device),
             all_base: uniform(lambda _: base, lambda _: base, k_amax, offsets),
             all_upgrade: uniform(lambda _: upgrade, lambda _: upgrade, k_amax, offsets),
         }
@@ -242,12 +235,12 @@ def _post_rope_keys(model: Any, samples: Sequence[tuple[list[int], list[int]]]) 
     return [torch.cat(chunks) for chunks in per_layer]
 
 
-def _cell_bytes(spec: RecipeSpec, shape: KVShape) -> int:
-    """Bytes one token occupies over every layer's K and V in ``spec``'s formats."""
+def _cell_bytes(storage: KVStorage, shape: KVShape) -> int:
+    """Bytes one token occupies over every layer's K and V in ``storage``'s formats."""
     return sum(
-        k.compute_cell_size(shape.num_kv_heads, shape.head_dim, 1, 1)
-        + v.compute_cell_size(shape.num_kv_heads, shape.head_dim, 1, 1)
-        for k, v in zip(spec.k_methods, spec.v_methods)
+        layer.k_method.compute_cell_size(shape.num_kv_heads, shape.head_dim, 1, 1)
+        + layer.v_method.compute_cell_size(shape.num_kv_heads, shape.head_dim, 1, 1)
+        for layer in storage.layers
     )
 
 
@@ -259,7 +252,7 @@ def _result(
     decomposition: list[dict[str, Any]],
     recipe: Recipe,
     validation: dict[str, Fidelity],
-    runs: dict[str, _Run],
+    runs: dict[str, KVStorage],
 ) -> dict[str, Any]:
     def fid(f: Fidelity | None) -> dict[str, float] | None:
         return None if f is None else {"kl": f.kl, "top1": f.top1}
@@ -288,6 +281,7 @@ def _result(
         "settings": asdict(settings),
         "kv_shape": asdict(shape),
         "k_centering_available": any(layer.k_offset is not None for layer in scales_file.layers),
+        "qk_rotation": None if scales_file.rotation() is None else scales_file.rotation().block,
         "samples": first.samples,
         "tokens": first.tokens,
         "layers": layers,
@@ -296,8 +290,8 @@ def _result(
             label: {
                 **fid(validation[label]),
                 "bytes_per_element": names[label],
-                "kv_bytes_per_token": _cell_bytes(runs[label].spec, shape),
-                "kv_bytes_per_token_vs_bf16": _cell_bytes(runs[label].spec, shape) / bf16_cell,
+                "kv_bytes_per_token": _cell_bytes(runs[label], shape),
+                "kv_bytes_per_token_vs_bf16": _cell_bytes(runs[label], shape) / bf16_cell,
             }
             for label in runs
         },

@@ -23,11 +23,13 @@ import torch
 
 from fp4kv_cli.atomic import atomic_path, write_json_atomic
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.quant.backend import BackendUnavailableError, TorchBackend
+from fp4kv_cli.quant.backend import NVFP4_WRITERS, BackendUnavailableError, TorchBackend
 from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX, FP4_BLOCK_SIZE
 
-FORMATS = ("nvfp4", "blockfp4")
+FORMATS = ("nvfp4", "nvfp4_4over6", "blockfp4")
 OPS = ("quantize", "dequantize", "store", "gather")
+#: Formats timed only where they write: their bytes are read by another format's readers.
+WRITE_ONLY = {"nvfp4_4over6": ("quantize", "store")}
 #: Bytes of the copy used as the bandwidth yardstick (read once, written once).
 COPY_BYTES = 1 << 30
 JSON_NAME = "bench_kernels.json"
@@ -68,7 +70,7 @@ class BenchSetup:
             for fmt in FORMATS
             for op in OPS
             for name in order
-            if runs_natively(name, fmt, op, self.device)
+            if runs_natively(name, fmt, op, self.device) and op in WRITE_ONLY.get(fmt, OPS)
         ]
 
 
@@ -199,7 +201,7 @@ def _op_runner(
     op: str, fmt: str, backend: TorchBackend, t: _Tensors
 ) -> tuple[Callable[[], object], Callable[[], Any]]:
     """``(run, output)``: the timed call and a function returning what it produced, for comparison."""
-    g = t.g if fmt == "nvfp4" else None
+    g = t.g if fmt in NVFP4_WRITERS else None
     if op == "quantize":
         result: dict[str, Any] = {}
 
@@ -246,13 +248,10 @@ def run_kernel_bench(setup: BenchSetup, copy_gbps: float) -> Iterator[KernelTimi
             torch.cuda.empty_cache()
             tensors = _Tensors(setup, elements)
             for f in FORMATS:
-                tensors.encoded[f] = setup.backends["torch"].quantize(
-                    f, tensors.x2d, tensors.g if f == "nvfp4" else None
-                )
+                g = tensors.g if f in NVFP4_WRITERS else None
+                tensors.encoded[f] = setup.backends["torch"].quantize(f, tensors.x2d, g)
                 data, scales = tensors.buffers()
-                setup.backends["torch"].quantize_and_store(
-                    f, data, scales, tensors.loc, tensors.x, tensors.g if f == "nvfp4" else None
-                )
+                setup.backends["torch"].quantize_and_store(f, data, scales, tensors.loc, tensors.x, g)
                 tensors.cache[f] = (data, scales)
         run, output = _op_runner(op, fmt, setup.backends[name], tensors)
         run()
@@ -304,7 +303,7 @@ def plot_timings(machine: dict[str, Any], copy_gbps: float, timings: list[Kernel
     fig = Figure(figsize=(12, 8.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True)
     styles = {"triton": "-", "flashinfer": "--", "torch": ":"}
-    colors = {"nvfp4": "tab:green", "blockfp4": "tab:blue"}
+    colors = {"nvfp4": "tab:green", "nvfp4_4over6": "tab:olive", "blockfp4": "tab:blue"}
     for ax, op in zip(axes.flat, OPS, strict=True):
         for fmt in FORMATS:
             for backend, style in styles.items():

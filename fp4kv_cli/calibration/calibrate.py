@@ -20,6 +20,7 @@ from fp4kv_cli.calibration.capture import (
 from fp4kv_cli.calibration.stats import KVStatistics, LayerSummary, RealTokens
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.models import DTYPE_NAMES, input_device
+from fp4kv_cli.quant.rotation import QKRotation
 from fp4kv_cli.quant.scales import SCALES_SCHEMA, SCALES_VERSION, config_hash
 
 #: Entries of ``k_top_channels`` per layer.
@@ -34,6 +35,7 @@ def calibrate(
     batch_size: int,
     per_head: bool = False,
     center_k: bool = False,
+    rotation: QKRotation | None = None,
     *,
     model_id: str | None = None,
     dataset: str = "custom",
@@ -63,6 +65,11 @@ def calibrate(
     center_k
         Write ``k_offset`` (per-channel mean of post-RoPE K, ``[num_kv_heads][head_dim]``), make
         ``k_amax`` the amax of ``K - k_offset`` and keep the uncentered one as ``k_amax_raw``.
+    rotation
+        Record every K statistic of what a rotating cache stores, ``(K - k_offset) @ H``
+        (:mod:`fp4kv_cli.quant.rotation`; ``k_amax_raw``, the per-head amax, percentiles and top
+        channels of ``K @ H``), and the rotation as the top-level ``k_rotation``; ``k_offset``
+        stays the mean of unrotated K, which the cache subtracts before rotating.
     model_id, dataset, split, text_field
         Recorded in the ``model`` / ``calibration`` sections.
     sample_size, seed
@@ -92,10 +99,15 @@ def calibrate(
         raise FP4KVError("the calibration texts tokenize to no tokens; pass other data")
     device = input_device(model)
     stats = KVStatistics(total_tokens=total_tokens, sample_size=sample_size, seed=seed)
+    if rotation is not None:
+        head_dim = model.config.get_text_config(decoder=True)
+        head_dim = getattr(head_dim, "head_dim", None) or head_dim.hidden_size // head_dim.num_attention_heads
+        rotation.check_head_dim(head_dim)
+    recorder = stats.record if rotation is None else _rotating(stats.record, rotation)
     cache = None
     for batch in make_batches(sequences, batch_size, tokenizer.pad_token_id):
         stats.start_batch(RealTokens.from_mask(batch.attention_mask, device))
-        cache = RecordingCache(model.config, stats.record)
+        cache = RecordingCache(model.config, recorder)
         with torch.inference_mode():
             model(**forward_kwargs(model, batch, device, cache))
         if not stats.finish_batch():
@@ -110,7 +122,11 @@ def calibrate(
         for layer in cache.layers
     ]
     summaries = [stats.layer_summary(index, TOP_CHANNELS) for index in range(num_layers)]
-    return {
+    if rotation is not None:  # the mean of K @ H is mean(K) @ H: back to the basis the cache centers in
+        for summary in summaries:
+            mean = torch.tensor(summary.k_offset, dtype=torch.float64)
+            summary.k_offset = rotation.apply(mean).tolist()
+    scales = {
         "schema": SCALES_SCHEMA,
         "version": SCALES_VERSION,
         "model": {
@@ -139,6 +155,18 @@ def calibrate(
             for index, summary in enumerate(summaries)
         ],
     }
+    if rotation is not None:
+        scales["k_rotation"] = rotation.to_dict()
+    return scales
+
+
+def _rotating(record: Callable[[int, torch.Tensor, torch.Tensor], None], rotation: QKRotation) -> Callable:
+    """``record`` fed ``K @ H`` (fp32) instead of K, and V as fp32 (exact) to match its dtype."""
+
+    def rotated(layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        record(layer_idx, rotation.apply(key_states), value_states.float())
+
+    return rotated
 
 
 def _layer_entry(

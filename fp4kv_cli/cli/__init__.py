@@ -9,8 +9,10 @@ from fp4kv_cli.cli import (  # noqa: F401  # noqa: F401
     export_cmd,
     inspect_cmd,
     lmeval_cmd,
+    longctx_cmd,
     methods_cmd,
     recipe_cmd,
+    run_cmd,
 )
 from fp4kv_cli.cli.app import app
 

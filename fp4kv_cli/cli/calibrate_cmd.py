@@ -64,6 +64,14 @@ def calibrate_command(
             "--center-k", help="Record the per-channel K mean (k_offset); k_amax is then of K - mean."
         ),
     ] = False,
+    qk_rotation: Annotated[
+        str | None,
+        typer.Option(
+            "--qk-rotation",
+            help="Record K as a cache rotating Q/K stores it: Hadamard blocks of this many channels "
+            "(16, as SGLang --qkrot-block 16) or head_dim (ModelOpt NVFP4_KV_ROTATE_CFG); after --center-k.",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="scales.json to write.")] = Path("scales.json"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
@@ -71,6 +79,7 @@ def calibrate_command(
     # heavy imports (torch, transformers) load here, not at import: ``--help`` stays fast
     from fp4kv_cli.calibration import calibrate
     from fp4kv_cli.models import load_model_and_tokenizer
+    from fp4kv_cli.quant.rotation import QKRotation
     from fp4kv_cli.quant.scales import parse_scales
 
     for name, value in (("--num-samples", num_samples), ("--seq-len", seq_len), ("--batch-size", batch_size)):
@@ -79,6 +88,8 @@ def calibrate_command(
     if out.exists() and not overwrite:
         raise FP4KVError(f"{out} already exists; pass --overwrite or another --out")
     check_output_path(out, "--out")
+    if qk_rotation is not None and qk_rotation.strip().lower() not in ("head_dim", "full"):
+        QKRotation.parse(qk_rotation)  # a bad block size fails before the model loads
     locate_model(model)  # a missing path, bad GGUF or unreachable hub fails before torch loads
     texts = load_texts(dataset, split, text_field, num_samples)
     note = " (dequantizing the GGUF: about a minute per billion weights)" if model.endswith(".gguf") else ""
@@ -86,6 +97,7 @@ def calibrate_command(
         loaded, tokenizer = load_model_and_tokenizer(
             model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory
         )
+    rotation = None if qk_rotation is None else QKRotation.parse(qk_rotation, _head_dim(loaded.config))
     with LoggedProgress(
         TextColumn("calibrating"),
         BarColumn(),
@@ -108,6 +120,7 @@ def calibrate_command(
             batch_size=batch_size,
             per_head=per_head,
             center_k=center_k,
+            rotation=rotation,
             model_id=model,
             dataset=dataset or DEFAULT_DATASET,
             split=split,
@@ -118,6 +131,11 @@ def calibrate_command(
     write_json_atomic(out, data)
     console.print(summary_table(data))
     console.print(f"wrote {out}")
+
+
+def _head_dim(config: Any) -> int:
+    text = config.get_text_config(decoder=True)
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def outlier_layers(data: dict[str, Any], key: str) -> list[int]:

@@ -22,7 +22,7 @@ def export_scales_cmd(
         Path, typer.Option("--out", "-o", help="Output model folder (json: output file); must not exist.")
     ],
     kv_dtype: Annotated[
-        str, typer.Option("--kv-dtype", help="KV cache dtype the scales are for: nvfp4 or fp8.")
+        str, typer.Option("--kv-dtype", help="KV cache dtype the scales are for: nvfp4, nvfp4_4over6 or fp8.")
     ],
     fmt: Annotated[str, typer.Option("--format", help="modelopt, compressed-tensors or json.")],
     model_dir: Annotated[
@@ -54,6 +54,15 @@ def export_scales_cmd(
     per_head: Annotated[
         bool, typer.Option("--per-head/--per-tensor", help="Per-head scales where the format supports them.")
     ] = True,
+    k_centering: Annotated[
+        str,
+        typer.Option(
+            "--k-centering",
+            help="none: K scales cover raw K; plugin: K scales of centered K + fp4kv's offsets, served by "
+            "the fp4kv vLLM plugin; modelopt: the same in ModelOpt's affine naming (k_proj.k_bias, no "
+            "engine reads it). Needs a scales file from calibrate --center-k.",
+        ),
+    ] = "none",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Export KV scales (ModelOpt, compressed-tensors or a JSON sidecar) and show what engines will use."""
@@ -75,6 +84,7 @@ def export_scales_cmd(
             force_convention=force_convention,
             source_convention=source_convention,
             per_head=per_head,
+            k_centering=k_centering.strip().lower(),
         )
     )
     report = result.report

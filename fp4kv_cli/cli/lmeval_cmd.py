@@ -10,7 +10,6 @@ from rich.table import Table
 
 from fp4kv_cli.cli.app import DeviceOption, console, err_console, eval_app, guarded
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.evaluate.runner import parse_kv_dtypes
 
 TABLE_WIDTH = 170
 
@@ -77,6 +76,7 @@ def lm_eval_command(
         from fp4kv_cli.evaluate.harness.run import HarnessSettings, parse_local_data, run_lm_eval
     except ImportError as err:
         raise FP4KVError(f"fp4kv eval lm-eval needs lm-eval ({err}); pip install 'fp4kv[lmeval]'") from None
+    from fp4kv_cli.evaluate.runner import parse_kv_dtypes
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if not names:
         raise FP4KVError("--tasks is empty; pass e.g. gsm8k_local")

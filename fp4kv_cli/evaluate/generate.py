@@ -18,6 +18,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StopStringCriter
 
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.evaluate.gsm8k import cut_at_stop
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill, row_chunk
 from fp4kv_cli.evaluate.sampling import ChosenTokenProcessor, RowSampler
 from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
@@ -96,11 +97,12 @@ def generate_batch(
     config: GenerationConfig,
     stops: Sequence[str],
     decode: str = "graph",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     sampler: RowSampler | None = None,
 ) -> list[Continuation]:
     """Continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch), each
     decoded and cut at ``stops``; see :func:`generate_tokens`."""
-    tokens, counts = generate_tokens(model, tokenizer, prompt_ids, cache, config, decode, sampler)
+    tokens, counts = generate_tokens(model, tokenizer, prompt_ids, cache, config, decode, prefill_chunk, sampler)
     return _continuations(tokenizer, tokens, counts, stops)
 
 
@@ -111,6 +113,7 @@ def generate_tokens(
     cache: QuantKVCache,
     config: GenerationConfig,
     decode: str = "graph",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     sampler: RowSampler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (or, with ``sampler``, seeded sampled) continuations of ``prompt_ids`` with the KV
@@ -124,13 +127,24 @@ def generate_tokens(
     (:func:`fp4kv_cli.fused_attention.fused_decode`), else ``gather``; ``gather`` — the prefix is
     read back as dequantized tensors and SDPA runs. Every path draws sampled tokens with the same
     ``sampler`` (inside the graph step, or as a logits processor of ``generate``).
+
+    ``prefill_chunk``: prompt tokens per prefill forward over the batch
+    (:mod:`fp4kv_cli.evaluate.prefill`). On the ``generate`` paths a prompt longer than one chunk
+    is prefilled but for its last token, which ``generate`` then feeds as its first step.
     """
     device = input_device(model)
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     if decode == "graph" and static_decode_supported(model, cache):
         row_stops = RowStops(input_ids, config.eos_token_id or [], tokenizer, config.stop_strings)
         tokens = greedy_static(
-            model, cache, input_ids, attention_mask, config.max_new_tokens, row_stops.update, choose=sampler
+            model,
+            cache,
+            input_ids,
+            attention_mask,
+            config.max_new_tokens,
+            row_stops.update,
+            choose=sampler,
+            prefill_chunk=prefill_chunk,
         )
         row_stops.update(tokens)
         return tokens, row_stops.counts(tokens.shape[1])
@@ -140,6 +154,8 @@ def generate_tokens(
     if sampler is not None:
         extra["logits_processor"] = LogitsProcessorList([ChosenTokenProcessor(sampler, input_ids.shape[1])])
     with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext():
+        if row_chunk(prefill_chunk, input_ids.shape[0]) < input_ids.shape[1]:
+            chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk, input_ids.shape[1] - 1)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

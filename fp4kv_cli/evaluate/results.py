@@ -19,17 +19,20 @@ from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.fidelity import Fidelity
 from fp4kv_cli.validate import check_output_path
 
-#: config.json keys that must be equal to resume a run (the rest, e.g. batch size, may change).
+#: config.json keys that must be equal to resume a run (the rest, e.g. batch size, may change:
+#: with a quantized cache the batch moves the prefill chunk boundaries, ``prefill_row_chunk`` in
+#: each sample, which changes results only at the format's rounding level).
 #: The decode read is one of them: the kernel and SDPA round differently, enough to move greedy
 #: GSM8K accuracy by about a point, so one run's samples must all come from one read.
 #: The sampling protocol is one too, but not the number of samples: a resumed run may add samples.
 RESUME_KEYS = (
     "model", "data", "limit", "num_fewshot", "chat", "max_new_tokens", "scales", "dtype", "decode_attention",
-    "temperature", "top_p", "seed",
+    "temperature", "top_p", "seed", "prefill_chunk",
 )  # fmt: skip
 
-#: Values of RESUME_KEYS in config.json files written before the key existed.
-RESUME_KEY_DEFAULTS = {"decode_attention": "gather", "temperature": 0.0, "top_p": 1.0, "seed": 0}
+#: Values of RESUME_KEYS in config.json files written before the key existed (greedy, prefill in
+#: one forward).
+RESUME_KEY_DEFAULTS = {"decode_attention": "gather", "temperature": 0.0, "top_p": 1.0, "seed": 0, "prefill_chunk": None}
 
 
 def check_run_dir(

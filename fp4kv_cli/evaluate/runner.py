@@ -11,9 +11,10 @@ The KV dtype ``recipe`` runs the per-layer K/V formats written in the ``--scales
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ import torch
 from rich.console import Console
 
 from fp4kv_cli import __version__
+from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate import gsm8k
+from fp4kv_cli.evaluate.batching import BatchPlan, auto_batch_size
 from fp4kv_cli.evaluate.fidelity import Fidelity, measure_fidelity
 from fp4kv_cli.evaluate.generate import (
     Continuation,
@@ -39,6 +42,7 @@ from fp4kv_cli.evaluate.metrics import (
     sampled_accuracy,
     sampled_paired_difference,
 )
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, row_chunk
 from fp4kv_cli.evaluate.results import (
     RESUME_KEY_DEFAULTS,
     SampleLog,
@@ -52,7 +56,7 @@ from fp4kv_cli.evaluate.results import (
 )
 from fp4kv_cli.evaluate.sampling import RowSampler, SamplingSpec, row_keys
 from fp4kv_cli.evaluate.static_decode import decode_path
-from fp4kv_cli.fused_attention import decode_read
+from fp4kv_cli.fused_attention import decode_kernels, decode_read
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import (
     DTYPE_NAMES,
@@ -64,13 +68,12 @@ from fp4kv_cli.models import (
 )
 from fp4kv_cli.progress import count_progress, status
 from fp4kv_cli.quant.backend import get_backend
-from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod, LayerScales
+from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod
 from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY, get_kv_cache_method
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file
+from fp4kv_cli.quant.storage import REFERENCE, KVStorage, kv_method
 from fp4kv_cli.validate import check_causal_lm
 
-#: The format every other one is compared with (fidelity reference, paired accuracy difference).
-REFERENCE = "bf16"
 #: KV dtype name for the per-layer formats of the scales file.
 RECIPE = "recipe"
 #: How decode steps read the cache: the fused kernel (where it runs), the same in static-shape
@@ -78,65 +81,6 @@ RECIPE = "recipe"
 DECODE_ATTENTION = ("graph", "fused", "gather")
 #: The decode read of sample records and runs from before ``--decode-attention`` existed.
 OLD_DECODE_ATTENTION = RESUME_KEY_DEFAULTS["decode_attention"]
-
-
-@dataclass(frozen=True)
-class RecipeSpec:
-    """Per-layer K/V methods and their 0-dim float32 scales (None: dynamic or no scale)."""
-
-    k_methods: list[KVCacheMethod]
-    v_methods: list[KVCacheMethod]
-    k_scales: list[torch.Tensor | None]
-    v_scales: list[torch.Tensor | None]
-
-    @classmethod
-    def from_methods(
-        cls,
-        k_methods: Sequence[KVCacheMethod],
-        v_methods: Sequence[KVCacheMethod],
-        k_amax: Sequence[float] | None,
-        v_amax: Sequence[float] | None,
-        device: torch.device | str,
-    ) -> RecipeSpec:
-        """Each layer's scales from its own K / V method's ``scale_from_amax`` of that layer's
-        amax (all None, i.e. dynamic, when no amax is given)."""
-        k_scales: list[torch.Tensor | None] = []
-        v_scales: list[torch.Tensor | None] = []
-        for layer, (k_method, v_method) in enumerate(zip(k_methods, v_methods)):
-            if k_amax is None or v_amax is None:
-                k_scales.append(None)
-                v_scales.append(None)
-                continue
-            k_scale = k_method.scale_from_amax(k_amax[layer])
-            v_scale = v_method.scale_from_amax(v_amax[layer])
-            k_scales.append(None if k_scale is None else k_scale.to(device))
-            v_scales.append(None if v_scale is None else v_scale.to(device))
-        return cls(list(k_methods), list(v_methods), k_scales, v_scales)
-
-    def cache(self, config: Any, k_offsets: torch.Tensor | None, capacity_hint: int) -> QuantKVCache:
-        """A fresh cache of this recipe for a transformers model ``config``."""
-        return QuantKVCache.from_recipe(
-            config, self.k_methods, self.v_methods, self.k_scales, self.v_scales, k_offsets, capacity_hint
-        )
-
-
-def kv_method(name: str, dtype: torch.dtype) -> KVCacheMethod:
-    """The method of format ``name``; unquantized storage uses the model's ``dtype``."""
-    return BF16KVMethod(dtype) if name == REFERENCE else get_kv_cache_method(name)
-
-
-def recipe_spec(
-    k_formats: Sequence[str],
-    v_formats: Sequence[str],
-    k_amax: Sequence[float] | None,
-    v_amax: Sequence[float] | None,
-    dtype: torch.dtype,
-    device: torch.device | str,
-) -> RecipeSpec:
-    """Methods of the per-layer format names with scales as :meth:`RecipeSpec.from_methods`."""
-    k_methods = [kv_method(name, dtype) for name in k_formats]
-    v_methods = [kv_method(name, dtype) for name in v_formats]
-    return RecipeSpec.from_methods(k_methods, v_methods, k_amax, v_amax, device)
 
 
 @dataclass(frozen=True)
@@ -148,7 +92,8 @@ class EvalSettings:
     scales: str | None = None
     num_fewshot: int = 5
     limit: int | None = None
-    batch_size: int = 16
+    #: None: automatic (:mod:`fp4kv_cli.evaluate.batching`), per format.
+    batch_size: int | None = None
     max_new_tokens: int = 256
     chat: bool = False
     data: str | None = None
@@ -162,6 +107,7 @@ class EvalSettings:
     run_name: str | None = None
     resume: bool = False
     decode_attention: str = "graph"
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     samples: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
@@ -179,7 +125,7 @@ def parse_kv_dtypes(text: str) -> tuple[str, ...]:
     """``"bf16,nvfp4"`` -> ``("bf16", "nvfp4")``: known formats, lower-cased, duplicates dropped."""
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if not names:
-        raise FP4KVError("--kv-dtype is empty; pass e.g. bf16,fp8,nvfp4,blockfp4")
+        raise FP4KVError("--kv-dtype is empty; pass e.g. bf16,fp8,nvfp4,nvfp4_4over6,blockfp4")
     known = [*KV_CACHE_METHOD_REGISTRY, RECIPE]
     for name in names:
         if name not in known:
@@ -210,8 +156,10 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     """Run the evaluation and return the summary (also written to ``OUT/<run>/summary.json``)."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    dtype = parse_dtype(settings.dtype, device)
+    settings = replace(settings, decode_attention=effective_decode(settings.decode_attention, device))
     plan = _plan(settings)
+    clock = RunClock(plan.run_dir, started)
+    dtype = parse_dtype(settings.dtype, device)
     where = settings.device_map or device
     with status(console, f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {where})"):
         model, tokenizer = load_model_and_tokenizer(
@@ -253,17 +201,35 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
                     lambda: progress.advance(task),
                 )
             save_fidelity(plan.run_dir, count, fidelity)
+            clock.save()
     stops = _stop_strings(tokenizer)
     config = greedy_config(model, tokenizer, settings.max_new_tokens, stops)
     spec = settings.sampling
     records: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+    batches: dict[str, BatchPlan | int] = {}
+    longest = max(map(len, prompt_ids)) + settings.max_new_tokens
+    text_config = model.config.get_text_config(decoder=True)
     for kv in settings.kv_dtypes:
+        batches[kv] = settings.batch_size or auto_batch_size(
+            text_config,
+            make_cache(kv, longest),
+            dtype,
+            device,
+            longest,
+            len(prompt_ids) * settings.samples,
+            settings.prefill_chunk,
+        )
+        if isinstance(batches[kv], BatchPlan) and batches[kv].free_bytes is not None:
+            auto = batches[kv]
+            console.print(f"{kv}: batch {auto.batch} ({auto.free_bytes / 2**30:.1f} GiB free, "
+                          f"{auto.row_bytes / 2**20:.1f} MiB per row)", highlight=False)  # fmt: skip
         records[kv] = _generate_all(
             console,
             kv,
             plan,
             prompt_ids,
             settings,
+            _batch(batches[kv]),
             lambda ids, hint, rows, kv=kv: _run_batch(
                 model,
                 tokenizer,
@@ -272,11 +238,13 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
                 config,
                 stops,
                 settings.decode_attention,
+                settings.prefill_chunk,
                 None if spec is None else _sampler(spec, rows, device),
             ),
+            clock.save,
         )
-    summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0])
-    summary["wall_seconds"] = time.perf_counter() - started
+    summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0], batches)
+    summary.update(clock.save())
     write_summary(plan.run_dir, summary)
     png, problem = try_plot_summary(plan.run_dir, summary)
     if png is None:
@@ -284,19 +252,50 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     return summary
 
 
-def _plan(settings: EvalSettings) -> _Plan:
-    if settings.limit is not None and settings.limit <= 0:
-        raise FP4KVError(f"--limit must be > 0, got {settings.limit}; omit it to use every question")
-    for option, value in (("--batch-size", settings.batch_size), ("--max-new-tokens", settings.max_new_tokens),
-                          ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
-        if value <= 0:
-            raise FP4KVError(f"{option} must be > 0, got {value}")
-    if settings.decode_attention not in DECODE_ATTENTION:
-        raise FP4KVError(
-            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
+def effective_decode(requested: str, device: torch.device) -> str:
+    """The decode read ``requested`` resolves to on ``device``: ``graph`` and ``fused`` need the
+    Triton kernel on CUDA (or interpreted); elsewhere every step is a ``gather`` read. (``graph``
+    still falls back to ``fused`` for models it cannot capture: the sample records say which ran.)"""
+    if requested not in DECODE_ATTENTION or requested == "gather":
+        return requested
+    kernels = decode_kernels()
+    if kernels is None or (device.type != "cuda" and not kernels.INTERPRETED):
+        return "gather"
+    return requested
+
+
+class RunClock:
+    """Wall seconds of a run folder over all its sessions (a resumed run adds to the earlier ones).
+
+    ``wall.json`` holds the seconds of earlier sessions; :meth:`save` rewrites it with this
+    session's seconds so far (after each saved batch), so a killed session still counts up to
+    its last saved work.
+    """
+
+    FILE = "wall.json"
+
+    def __init__(self, run_dir: Path, started: float) -> None:
+        self.path = run_dir / self.FILE
+        self.started = started
+        try:
+            earlier = json.loads(self.path.read_text())
+            self.earlier = float(earlier["earlier_seconds"]) + float(earlier["session_seconds"])
+            self.sessions = int(earlier["sessions"]) + 1
+        except (OSError, ValueError, KeyError, TypeError):
+            self.earlier, self.sessions = 0.0, 1
+
+    def save(self) -> dict[str, Any]:
+        """Write ``wall.json``; returns the summary's fields ``wall_seconds`` (all sessions),
+        ``wall_seconds_session`` and ``sessions``."""
+        session = time.perf_counter() - self.started
+        write_json_atomic(
+            self.path, {"earlier_seconds": self.earlier, "session_seconds": session, "sessions": self.sessions}
         )
-    if settings.num_fewshot < 0:
-        raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
+        return {"wall_seconds": self.earlier + session, "wall_seconds_session": session, "sessions": self.sessions}
+
+
+def _plan(settings: EvalSettings) -> _Plan:
+    _plan_checks(settings)
     _check_sampling(settings)
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
     config = load_config_dict(settings.model)
@@ -326,6 +325,23 @@ def _plan(settings: EvalSettings) -> _Plan:
         settings.resume,
     )
     return _Plan(questions, train, shape, scales_file, k_offsets, run_dir)
+
+
+def _plan_checks(settings: EvalSettings) -> None:
+    """The option checks every engine's eval shares (one-line errors before anything is loaded)."""
+    if settings.limit is not None and settings.limit <= 0:
+        raise FP4KVError(f"--limit must be > 0, got {settings.limit}; omit it to use every question")
+    for option, value in (("--batch-size", settings.batch_size), ("--max-new-tokens", settings.max_new_tokens),
+                          ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
+        if value is not None and value <= 0:
+            raise FP4KVError(f"{option} must be > 0, got {value}")
+    check_prefill_chunk(settings.prefill_chunk)
+    if settings.decode_attention not in DECODE_ATTENTION:
+        raise FP4KVError(
+            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
+        )
+    if settings.num_fewshot < 0:
+        raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
 
 
 def _check_sampling(settings: EvalSettings) -> None:
@@ -395,28 +411,22 @@ def cache_factory(
     """``make_cache(kv, capacity_hint)``: a fresh cache of KV dtype ``kv`` (one of ``kv_dtypes``,
     or the ``bf16`` reference) for a transformers model ``config``, as ``fp4kv eval gsm8k`` runs it.
 
-    Scales are calibrated from ``scales_file`` where given (dynamic otherwise), ``recipe`` runs the
-    file's per-layer formats, and every format but the reference stores K minus ``k_offsets``
-    (from :func:`load_scales_for`). Scales and offsets move to ``device`` once, here.
+    Each KV dtype's :class:`KVStorage` is built once here by :meth:`KVStorage.from_scales`
+    (scales calibrated from ``scales_file`` where given, dynamic otherwise; ``recipe`` runs the
+    file's per-layer formats; every format but the reference stores K minus ``k_offsets`` (from
+    :func:`load_scales_for`), rotated when the file records a ``k_rotation``), on ``device``.
     """
-    methods = _methods(kv_dtypes, dtype)
-    scales = {kv: _scales(method, scales_file, device) for kv, method in methods.items()}
-    offsets = None if k_offsets is None else k_offsets.to(device)
-    recipe = _recipe(scales_file, dtype, device) if RECIPE in kv_dtypes else None
+    num_layers = config.get_text_config(decoder=True).num_hidden_layers
+    storages = {
+        kv: KVStorage.from_scales(kv, num_layers, scales_file, k_offsets, lambda name: kv_method(name, dtype))
+        for kv in dict.fromkeys([REFERENCE, *kv_dtypes])
+    }
+    storages = {kv: storage.to(device) for kv, storage in storages.items()}
 
     def make_cache(kv: str, capacity_hint: int) -> QuantKVCache:
-        kv_offsets = None if kv == REFERENCE else offsets
-        if kv == RECIPE:
-            return recipe.cache(config, kv_offsets, capacity_hint)
-        return QuantKVCache.for_model(config, methods[kv], scales[kv], kv_offsets, capacity_hint)
+        return QuantKVCache.from_storage(config, storages[kv], capacity_hint)
 
     return make_cache
-
-
-def _recipe(scales_file: ScalesFile | None, dtype: torch.dtype, device: torch.device | str) -> RecipeSpec:
-    """The recipe of ``scales_file`` with its calibrated scales."""
-    k_formats, v_formats = _recipe_formats(scales_file)
-    return recipe_spec(k_formats, v_formats, scales_file.k_amax(), scales_file.v_amax(), dtype, device)
 
 
 def _recipe_formats(scales_file: ScalesFile | None) -> tuple[list[str], list[str]]:
@@ -429,23 +439,6 @@ def _recipe_formats(scales_file: ScalesFile | None) -> tuple[list[str], list[str
             "write one with fp4kv analyze --write-recipe"
         )
     return recipe
-
-
-def _methods(kv_dtypes: Sequence[str], dtype: torch.dtype) -> dict[str, KVCacheMethod]:
-    """One method per format (the recipe excepted), plus the reference; unquantized storage uses
-    the model's dtype."""
-    names = dict.fromkeys([REFERENCE, *kv_dtypes])
-    return {kv: kv_method(kv, dtype) for kv in names if kv != RECIPE}
-
-
-def _scales(
-    method: KVCacheMethod, scales_file: ScalesFile | None, device: torch.device | str
-) -> LayerScales | None:
-    """The method's calibrated per-layer scales, on ``device`` once for every batch's cache."""
-    if scales_file is None or not method.uses_tensor_scale:
-        return None
-    scales = method.load_scales(scales_file)
-    return LayerScales(k=scales.k.to(device), v=scales.v.to(device))
 
 
 def _prompts(settings: EvalSettings, plan: _Plan, tokenizer: Any) -> list[str]:
@@ -497,6 +490,7 @@ def _run_batch(
     config: Any,
     stops: Sequence[str],
     decode: str,
+    prefill_chunk: int,
     sampler: RowSampler | None = None,
 ) -> tuple[list[Continuation], dict[str, Any]]:
     cuda = input_device(model).type == "cuda"
@@ -504,7 +498,7 @@ def _run_batch(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, decode, sampler)
+    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, decode, prefill_chunk, sampler)
     seconds = time.perf_counter() - start
     stats = {
         "seconds": seconds,
@@ -513,6 +507,7 @@ def _run_batch(
         "kv_stored_bytes": cache.stored_bytes(),
         "kv_capacity_bytes": cache.capacity_bytes(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "prefill_row_chunk": row_chunk(prefill_chunk, len(ids)),
     }
     return continuations, stats
 
@@ -523,12 +518,15 @@ def _generate_all(
     plan: _Plan,
     prompt_ids: Sequence[Sequence[int]],
     settings: EvalSettings,
+    batch_size: int,
     run_batch: Callable[
         [list[list[int]], int, list[tuple[int, int]]], tuple[list[Continuation], dict[str, Any]]
     ],
+    on_saved: Callable[[], object],
 ) -> dict[tuple[int, int], dict[str, Any]]:
     """Score every ``(question, sample)`` with format ``kv``; those already in
-    ``samples-<kv>.jsonl`` are skipped. Rows go longest prompt first, a question's samples together."""
+    ``samples-<kv>.jsonl`` are skipped; ``on_saved()`` runs after each batch is logged. Rows go
+    longest prompt first, a question's samples together."""
     sampled = settings.sampling is not None
     log = SampleLog(samples_path(plan.run_dir, kv), key=_record_key)
     done = log.load()
@@ -541,8 +539,8 @@ def _generate_all(
             total=len(rows),
             completed=len(rows) - len(todo),
         )
-        for first in range(0, len(todo), settings.batch_size):
-            batch = todo[first : first + settings.batch_size]
+        for first in range(0, len(todo), batch_size):
+            batch = todo[first : first + batch_size]
             ids = [list(prompt_ids[i]) for i, _ in batch]
             continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens, batch)
             fresh = [
@@ -550,6 +548,7 @@ def _generate_all(
                 for (i, k), c in zip(batch, continuations)
             ]
             log.append(fresh)
+            on_saved()
             done.update((_record_key(r), r) for r in fresh)
             progress.advance(task, len(batch))
     return done
@@ -590,6 +589,7 @@ def _record(
         "kv_capacity_bytes": stats["kv_capacity_bytes"],
         "peak_gpu_bytes": stats["peak_gpu_bytes"],
         "decode_attention": stats["decode_attention"],
+        "prefill_row_chunk": stats["prefill_row_chunk"],
     }
 
 
@@ -601,6 +601,7 @@ def _summary(
     records: dict[str, dict[tuple[int, int], dict[str, Any]]],
     fidelity: dict[str, Fidelity],
     example_prompt: str,
+    batches: Mapping[str, BatchPlan | int],
 ) -> dict[str, Any]:
     import transformers
 
@@ -630,6 +631,7 @@ def _summary(
         results[kv] = {
             "scale_source": _scale_source(kv, plan.scales_file),
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
+            "qk_rotation": _rotation_block(kv, plan.scales_file),
             "accuracy": {key: score(values).to_dict() for key, values in flags[kv].items()},
             "vs_bf16": paired,
             "vs_bf16_samples_plan": plan_more,
@@ -642,6 +644,8 @@ def _summary(
             "max_kv_stored_bytes": max(r["kv_stored_bytes"] for r in rows),
             "peak_gpu_bytes": max(peaks) if peaks else None,
             "decode_attention": sorted({r.get("decode_attention", OLD_DECODE_ATTENTION) for r in rows}),
+            "batch_size": _batch(batches[kv]),
+            "auto_batch": asdict(batches[kv]) if isinstance(batches[kv], BatchPlan) else None,
             "fidelity": fidelity[kv].to_dict() if kv in fidelity else None,
         }
         if kv == RECIPE:
@@ -658,7 +662,8 @@ def _summary(
         "stop_sequences": list(gsm8k.STOP_SEQUENCES),
         "max_new_tokens": settings.max_new_tokens,
         "decoding": _decoding(settings),
-        "batch_size": settings.batch_size,
+        "batch_size": "auto" if settings.batch_size is None else settings.batch_size,
+        "prefill_chunk": settings.prefill_chunk,
         "device": str(device),
         "dtype": DTYPE_NAMES[dtype],
         "backend": get_backend(device).name,
@@ -696,6 +701,16 @@ def _flags(
     if settings.sampling is None:
         return [records[i, 0][f"{key}_correct"] for i in range(questions)]
     return [[records[i, k][f"{key}_correct"] for k in range(settings.samples)] for i in range(questions)]
+
+
+def _rotation_block(kv: str, scales_file: ScalesFile | None) -> int | None:
+    """The Hadamard block of the Q/K rotation format ``kv`` ran with (None: not rotated)."""
+    rotation = None if scales_file is None or kv == REFERENCE else scales_file.rotation()
+    return None if rotation is None else rotation.block
+
+
+def _batch(plan: BatchPlan | int) -> int:
+    return plan.batch if isinstance(plan, BatchPlan) else plan
 
 
 def _scale_source(kv: str, scales_file: ScalesFile | None) -> str:

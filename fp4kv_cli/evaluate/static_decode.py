@@ -25,6 +25,7 @@ import torch
 
 from fp4kv_cli import fused_attention
 from fp4kv_cli.cache import QuantKVCache
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill
 from fp4kv_cli.fused_attention import fusable, fused_decode
 from fp4kv_cli.models import cache_argument
 
@@ -84,6 +85,7 @@ def greedy_static(
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
     graph: bool | None = None,
     choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> torch.Tensor:
     """Greedy continuations ``[batch, n]`` (``n <= max_new_tokens``) of left-padded ``input_ids``.
 
@@ -102,6 +104,8 @@ def greedy_static(
         ``[1]`` int64 device tensor) counting the tokens generated before it; device ops only,
         as it runs inside the graph (e.g. :class:`~fp4kv_cli.evaluate.sampling.RowSampler`).
         None: the argmax (greedy).
+    prefill_chunk:
+        Prompt tokens per prefill forward over the batch (:func:`~fp4kv_cli.evaluate.prefill.chunked_prefill`).
 
     Call it only where :func:`static_decode_supported` holds.
     """
@@ -110,13 +114,11 @@ def greedy_static(
     graph = device.type == "cuda" if graph is None else graph
     choose = choose or _argmax
     argument = {cache_argument(model): cache}
-    cache.set_token_mask(attention_mask)
     with torch.inference_mode(), fused_decode(model, cache) as on:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       logits_to_keep=1, **argument).logits  # fmt: skip
+        logits = chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk)
         tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-        tokens[:, 0] = choose(logits[:, -1], torch.zeros(1, dtype=torch.long, device=device))
+        tokens[:, 0] = choose(logits, torch.zeros(1, dtype=torch.long, device=device))
         capacities = {layer.capacity for layer in cache.layers}
         if len(capacities) != 1:
             raise ValueError(f"static decoding needs one capacity for every layer, got {sorted(capacities)}")

@@ -32,18 +32,28 @@ from fp4kv_cli.export.checkpoint import (
     read_json,
 )
 from fp4kv_cli.export.conventions import FORMATS, Resolution, check_choice, resolve
-from fp4kv_cli.export.names import k_offset_name, layer_prefix
+from fp4kv_cli.export.names import k_bias_name, k_offset_name, layer_prefix
 from fp4kv_cli.export.plan import LayerPlan, consumer_view, plan_layers
 from fp4kv_cli.export.report import build_report, consumer_problems
 from fp4kv_cli.export.source import KVSource, load_source
 from fp4kv_cli.export.writer import FileWriter, WrittenFile, copy_shard_without, write_file, write_folder
+from fp4kv_cli.serve import centering
 from fp4kv_cli.validate import check_output_path
 
 SCALES_SHARD = "model-fp4kv-kv-scales.safetensors"
 #: Not listed in the index on purpose: SGLang and vLLM Llama/Qwen2 loaders map any
 #: ``k_proj.*`` tensor onto ``qkv_proj`` and fail on names they do not know.
-OFFSET_FILE = "fp4kv-k-offset.safetensors"
+OFFSET_FILE = centering.OFFSET_FILE
 ST_METADATA = {"format": "pt"}
+#: ``--k-centering``: how an export asks engines to store ``K - k_offset``. ``none``: it does not
+#: (K scales cover raw K; the offsets ride along unindexed); ``plugin``: fp4kv's offsets + the
+#: config.json marker the fp4kv vLLM plugin serves; ``modelopt``: ModelOpt's affine-KV naming
+#: (``k_proj.k_bias``), which no engine reads today. Both of the latter export K scales of
+#: centered K.
+K_CENTERING = ("none", "plugin", "modelopt")
+#: ``--k-centering modelopt``'s ``k_proj.k_bias`` tensors, also kept out of the index: indexed,
+#: vLLM 0.32 fails to load the checkpoint (its Qwen2/Llama loader maps k_proj.* onto qkv_proj).
+K_BIAS_FILE = "fp4kv-k-bias-modelopt.safetensors"
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class ExportRequest:
     force_convention: bool = False
     source_convention: str | None = None
     per_head: bool = True
+    k_centering: str = "none"
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,19 @@ class ExportResult:
     files: list[WrittenFile]
 
 
+#: KV dtypes that write another one's checkpoint layout, and what serving them takes.
+WRITER_VARIANTS = {
+    "nvfp4_4over6": (
+        "nvfp4",
+        (
+            "nvfp4_4over6 is a store-time rule on the nvfp4 layout: the checkpoint is nvfp4's; serve it with "
+            "vLLM --kv-cache-dtype nvfp4_4over6 (vLLM's SM100 trtllm-gen path; its FA2 path on "
+            "sm80/sm90/sm120 takes only nvfp4); SGLang and TensorRT-LLM have no 4-over-6 writer and store max->6"
+        ),
+    ),
+}
+
+
 def export_scales(request: ExportRequest) -> ExportResult:
     """Validate, plan and write one export; raises :class:`FP4KVError` on bad input.
 
@@ -82,6 +106,8 @@ def export_scales(request: ExportRequest) -> ExportResult:
     request = _normalized(request)
     check_choice(request.fmt, FORMATS, "--format")
     check_output_path(request.out, "--out", folder=request.fmt != "json")
+    layout, note = WRITER_VARIANTS.get(request.kv_dtype, (request.kv_dtype, None))
+    request = replace(request, kv_dtype=layout)
     resolution = resolve(
         request.kv_dtype, request.convention, request.engine, request.target, request.force_convention
     )
@@ -89,12 +115,24 @@ def export_scales(request: ExportRequest) -> ExportResult:
         raise FP4KVError(
             "no engine fp4kv verified loads NVFP4 KV scales from compressed-tensors; use --format modelopt"
         )
+    check_choice(request.k_centering, K_CENTERING, "--k-centering")
+    _check_centering_format(request)
     model_dir = _model_dir(request)
     config = read_json(model_dir / "config.json") or {}
     source = load_source(request.scales, config, request.source_convention)
+    centered = request.k_centering != "none"
+    if centered and any(raw is None for raw in source.k_amax_raw):
+        raise FP4KVError(
+            f"--k-centering {request.k_centering} needs a scales file with k_offset on every layer; "
+            "calibrate with fp4kv calibrate --center-k"
+        )
     per_head = request.per_head and request.fmt != "modelopt" and _has_per_head(source)
-    plans = plan_layers(source, resolution.convention, per_head)
-    warnings = list(resolution.warnings) + _source_warnings(source, request.fmt, per_head)
+    plans = plan_layers(source, resolution.convention, per_head, centered)
+    warnings = list(resolution.warnings) + _source_warnings(
+        source, request.fmt, per_head, request.k_centering
+    )
+    if note is not None:
+        warnings.append(note)
     model_type = str((config.get("text_config") or config).get("model_type", "unknown"))
     if request.fmt == "json":
         return _export_json(request, model_dir, source, plans, resolution, per_head, model_type, warnings)
@@ -117,7 +155,23 @@ def _normalized(request: ExportRequest) -> ExportRequest:
         engine=norm(request.engine),
         target=norm(request.target),
         source_convention=norm(request.source_convention),
+        k_centering=norm(request.k_centering) or "none",
     )
+
+
+def _check_centering_format(request: ExportRequest) -> None:
+    if request.k_centering == "none":
+        return
+    if request.fmt == "json":
+        raise FP4KVError(
+            f"--k-centering {request.k_centering} writes into a model folder; use --format "
+            "compressed-tensors or modelopt"
+        )
+    if request.k_centering == "modelopt" and request.fmt != "modelopt":
+        raise FP4KVError(
+            "--k-centering modelopt is ModelOpt's affine-KV naming; use it with --format modelopt "
+            "(or --k-centering plugin)"
+        )
 
 
 def _model_dir(request: ExportRequest) -> Path:
@@ -137,18 +191,50 @@ def _has_per_head(source: KVSource) -> bool:
     return all(layer.k_amax_per_head and layer.v_amax_per_head for layer in source.layers)
 
 
-def _source_warnings(source: KVSource, fmt: str, per_head: bool) -> list[str]:
+def _source_warnings(source: KVSource, fmt: str, per_head: bool, k_centering: str) -> list[str]:
     warnings = []
     if _has_per_head(source) and not per_head:
         why = "modelopt stores one scale per layer" if fmt == "modelopt" else "--per-tensor"
         warnings.append(f"per-head amax reduced to the per-tensor max ({why})")
-    if any(raw is not None for raw in source.k_amax_raw):
+    if source.rotation is not None:
+        warnings.append(
+            f"K amax are of Hadamard-rotated K (blocks of {source.rotation.block}): serve with an engine that "
+            f"rotates Q and K after RoPE (SGLang --qkrot-block {source.rotation.block}); one that does not "
+            "gets K scales sized for rotated K (see qk_rotation)"
+        )
+    if k_centering != "none":
+        warnings.append(centering_hazard(source_overflow(source), k_centering))
+    elif any(raw is not None for raw in source.k_amax_raw):
         where = "in the sidecar" if fmt == "json" else f"to {OFFSET_FILE} (not indexed: engines ignore it)"
         warnings.append(
             f"k_offset exported {where}; the K scale covers raw K (k_amax_raw), so engines that "
             "ignore the offset do not clip but get plain scales"
         )
     return warnings
+
+
+def source_overflow(source: KVSource) -> tuple[int, float]:
+    """(layer, ratio) of the largest raw-K amax / centered-K amax of a centered scales source."""
+    ratios = [
+        (layer.index, raw / layer.k_amax)
+        for layer, raw in zip(source.layers, source.k_amax_raw)
+        if raw is not None
+    ]
+    return max(ratios, key=lambda item: item[1])
+
+
+def centering_hazard(worst: tuple[int, float], k_centering: str) -> str:
+    """What an engine that does not center K gets from K scales of centered K."""
+    layer, ratio = worst
+    reader = (
+        "served centered only by vLLM with the fp4kv plugin (pip install fp4kv)"
+        if k_centering == "plugin"
+        else "ModelOpt's k_proj.k_bias, which no engine reads today"
+    )
+    return (
+        f"K scales cover centered K ({reader}); an engine that stores raw K with them OVERFLOWS: "
+        f"raw K reaches x{ratio:.3g} the scale's range (layer {layer}) and is clipped"
+    )
 
 
 def _report(
@@ -258,11 +344,20 @@ def _export_folder(
         quant_config = compressed_tensors.quantization_config(ckpt.quantization_config, per_head)
         qkv_quantized = False
     new_files[SCALES_SHARD] = _tensor_writer(tensors, ST_METADATA)
-    if any(plan.k_offset is not None for plan in plans):
+    if request.k_centering == "modelopt":
+        new_files[K_BIAS_FILE] = _tensor_writer(_k_bias_tensors(plans, prefix), ST_METADATA)
+    if request.k_centering != "modelopt" and any(plan.k_offset is not None for plan in plans):
         new_files[OFFSET_FILE] = _offset_writer(plans, prefix)
     new_files[INDEX_NAME] = _index_writer(ckpt, names, stale, tensors)
+    new_config = dict(config)
     if quant_config is not None:
-        new_files["config.json"] = _json_writer({**config, "quantization_config": quant_config})
+        new_config["quantization_config"] = quant_config
+    new_config.pop(centering.MARKER, None)
+    if request.k_centering == "plugin":
+        first = plans[0].k_offset
+        new_config[centering.MARKER] = centering.marker(len(plans), len(first), len(first[0]))
+    if new_config != config:
+        new_files["config.json"] = _json_writer(new_config)
     report = _report(
         source,
         plans,
@@ -274,6 +369,7 @@ def _export_folder(
         warnings,
         qkv_quantized,
     )
+    report["k_centering"] = request.k_centering
     new_files[SIDECAR_NAME] = _json_writer(report)
     files = write_folder(model_dir, request.out, new_files, skip, request.overwrite)
     return ExportResult(report, request.out / SIDECAR_NAME, files)
@@ -339,6 +435,17 @@ def _offset_writer(plans: tuple[LayerPlan, ...], prefix: str) -> FileWriter:
     }
     centered = {str(p.index): p.k_amax_centered for p in plans if p.k_amax_centered is not None}
     return _tensor_writer(tensors, {**ST_METADATA, "fp4kv_k_amax_centered": json.dumps(centered)})
+
+
+def _k_bias_tensors(plans: tuple[LayerPlan, ...], prefix: str) -> dict[str, torch.Tensor]:
+    """ModelOpt affine-KV biases: ``k_proj.k_bias`` ``[1, kv_heads, 1, head_dim]`` (the
+    keepdim mean over batch and sequence of HF's ``[batch, heads, seq, head_dim]`` key states;
+    ModelOpt stores ``K - k_bias``), float32."""
+    return {
+        k_bias_name(prefix, plan.index): torch.tensor(plan.k_offset, dtype=torch.float32)[None, :, None, :]
+        for plan in plans
+        if plan.k_offset is not None
+    }
 
 
 def _index_writer(

@@ -20,7 +20,8 @@ from fp4kv_cli.export.checkpoint import (
     read_json,
 )
 from fp4kv_cli.export.conventions import consumers_for
-from fp4kv_cli.export.report import SIDECAR_SCHEMA
+from fp4kv_cli.export.report import SIDECAR_SCHEMA, rotation_serving
+from fp4kv_cli.export.source import sidecar_rotation
 from fp4kv_cli.quant.scales import (
     CONVENTION_DIVISORS,
     SCALES_SCHEMA,
@@ -28,6 +29,7 @@ from fp4kv_cli.quant.scales import (
     parse_scales,
     scale_to_amax,
 )
+from fp4kv_cli.serve import centering
 
 #: Implied amax outside this range is not a trained LLM's K/V: post-RoPE K amax is typically
 #: 1-1000 (outlier channels a few thousand), V 0.1-100. Beyond it the scale is in the wrong
@@ -86,14 +88,28 @@ def _inspect_scales(data: dict[str, Any], path: Path) -> dict[str, Any]:
         hazards.append(
             "k_offset present: k_amax is the amax of K - k_offset; export makes K scales cover raw K"
         )
+    rotation = rotation_serving(scales.rotation(), data.get("model", {}).get("head_dim"))
+    hazards += _rotation_hazards(rotation)
     return {
         "kind": "scales",
         "path": str(path),
         "convention": None,
         "basis": "a scales.json holds amax, not scales; both conventions shown",
         "layers": layers,
+        "qk_rotation": rotation,
         "hazards": hazards,
     }
+
+
+def _rotation_hazards(rotation: dict[str, Any] | None) -> list[str]:
+    if rotation is None:
+        return []
+    return [
+        f"K stored Hadamard-rotated (blocks of {rotation['block']}): the engine must rotate Q and K after "
+        f"RoPE ({rotation['sglang']} in SGLang"
+        + (f"; ModelOpt {rotation['modelopt']}" if rotation["modelopt"] else "")
+        + "); K amax are of rotated K"
+    ]
 
 
 def _inspect_sidecar(data: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -116,11 +132,16 @@ def _inspect_sidecar(data: dict[str, Any], path: Path) -> dict[str, Any]:
         )
     hazards = _implausible([(row["index"], row["k_amax"], row["v_amax"]) for row in layers], convention)
     hazards += _consumer_hazards(data.get("kv_dtype"), convention)
+    rotation = data.get("qk_rotation")
+    if rotation is not None:
+        sidecar_rotation(data)  # malformed entries fail here, in one line
+    hazards += _rotation_hazards(rotation)
     return {
         "kind": "sidecar",
         "path": str(path),
         "convention": convention,
         "kv_dtype": data.get("kv_dtype"),
+        "qk_rotation": rotation,
         "basis": f"fp4kv sidecar says {convention}",
         "layers": layers,
         "hazards": hazards,
@@ -171,8 +192,42 @@ def _inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
             for t in ckpt.tensors
             if t.key.role not in ("k", "v", "kv") or not t.indexed
         ],
-        "hazards": _checkpoint_hazards(ckpt, layers),
+        "k_centering": _k_centering(ckpt),
+        "qk_rotation": None if ckpt.sidecar is None else ckpt.sidecar.get("qk_rotation"),
+        "hazards": _checkpoint_hazards(ckpt, layers)
+        + _rotation_hazards(None if ckpt.sidecar is None else ckpt.sidecar.get("qk_rotation")),
     }
+
+
+def _k_centering(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """How the checkpoint asks engines to center K, and who serves it: fp4kv's marker + offsets
+    (the fp4kv vLLM plugin), ModelOpt's affine ``k_proj.k_bias`` (no engine), or offsets alone
+    (K scales cover raw K; nothing to serve)."""
+    roles = {t.key.role for t in ckpt.tensors}
+    entry = centering.read_marker(ckpt.folder)
+    if entry is not None:
+        return {"naming": "fp4kv", "marker": entry, "served_by": "fp4kv vLLM plugin", "needs_plugin": True,
+                "k_scales_cover": "centered K", "overflow_without": _overflow(ckpt)}  # fmt: skip
+    if "k_bias" in roles:
+        return {"naming": "modelopt affine (k_proj.k_bias)", "served_by": None, "needs_plugin": False,
+                "k_scales_cover": "centered K", "overflow_without": _overflow(ckpt)}  # fmt: skip
+    if "k_offset" in roles:
+        return {"naming": "fp4kv (no marker)", "served_by": None, "needs_plugin": False,
+                "k_scales_cover": "raw K", "overflow_without": None}  # fmt: skip
+    return None
+
+
+def _overflow(ckpt: Checkpoint) -> dict[str, float] | None:
+    """Largest raw-K amax / centered-K amax over layers, from fp4kv's sidecar (None without it)."""
+    rows = [
+        (layer["index"], layer["k_amax_raw"] / layer["k_amax_centered"])
+        for layer in (ckpt.sidecar or {}).get("layers", [])
+        if layer.get("k_amax_raw") and layer.get("k_amax_centered")
+    ]
+    if not rows:
+        return None
+    index, ratio = max(rows, key=lambda row: row[1])
+    return {"layer": index, "ratio": ratio}
 
 
 def _max(tensor: KVTensor | None) -> float | None:
@@ -243,17 +298,46 @@ def _checkpoint_hazards(ckpt: Checkpoint, layers: list[dict[str, Any]]) -> list[
             "per-head k_proj.k_scale: SGLang's and vLLM's BaseKVCacheMethod accept per-tensor scales only "
             "(vLLM refuses to load it)"
         )
+    hazards += _centering_hazards(_k_centering(ckpt))
     hazards += _extra_tensor_hazards(ckpt)
     if ckpt.missing_files:
         hazards.append(f"index lists missing shard(s) {', '.join(ckpt.missing_files)}: engines fail to load")
     return hazards
 
 
+def _centering_hazards(info: dict[str, Any] | None) -> list[str]:
+    if info is None or info["k_scales_cover"] != "centered K":
+        return []
+    over = info["overflow_without"]
+    how = (
+        "raw K exceeds the K scale's range by up to the offset (no fp4kv sidecar says how far)"
+        if over is None
+        else f"raw K reaches x{over['ratio']:.3g} the K scale's range (layer {over['layer']}) and is clipped"
+    )
+    if info["needs_plugin"]:
+        return [
+            (
+                "needs the fp4kv vLLM plugin (pip install fp4kv): it stores K - k_offset; K scales cover "
+                f"centered K, so an engine without the plugin (SGLang, TRT-LLM, vLLM without fp4kv) OVERFLOWS: {how}"
+            )
+        ]
+    return [
+        (
+            "ModelOpt affine K bias (k_proj.k_bias): no engine reads it today (vLLM, SGLang, TRT-LLM store raw "
+            f"K); K scales cover centered K, so every engine OVERFLOWS: {how}"
+        )
+    ]
+
+
 def _extra_tensor_hazards(ckpt: Checkpoint) -> list[str]:
     hazards = []
+    info = _k_centering(ckpt)
+    centered = info is not None and info["k_scales_cover"] == "centered K"
     for tensor in ckpt.tensors:
         role, name = tensor.key.role, tensor.key.name
         if role in ("k_offset", "k_bias", "v_bias"):
+            if role in ("k_offset", "k_bias") and centered and not tensor.indexed:
+                continue  # what serves it (or not) is said in the centering hazard
             if tensor.indexed:
                 hazards.append(
                     f"{name} is indexed: vLLM maps k_proj.* onto qkv_proj and fails to load it (SGLang skips it)"

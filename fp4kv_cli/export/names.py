@@ -5,6 +5,7 @@ Written names (per attention layer ``N`` under the model's layer prefix ``P``):
 - ModelOpt: ``P.N.self_attn.k_proj.k_scale`` / ``P.N.self_attn.v_proj.v_scale``
 - compressed-tensors (llm-compressor): ``P.N.self_attn.k_scale`` / ``P.N.self_attn.v_scale``
 - fp4kv K offset: ``P.N.self_attn.k_proj.k_offset`` (kept out of the index, see ``docs/export.md``)
+- ModelOpt affine-KV K bias (``--k-centering modelopt``): ``P.N.self_attn.k_proj.k_bias``
 
 Also recognised when reading: legacy ``P.N.self_attn.kv_scale`` (one scale for K and V),
 old llm-compressor ``P.N.self_attn.{k,v}_proj.output_scale`` and ModelOpt affine-KV biases
@@ -80,3 +81,8 @@ def compressed_tensors_names(prefix: str, layer: int) -> tuple[str, str]:
 def k_offset_name(prefix: str, layer: int) -> str:
     """fp4kv K offset name of ``layer``."""
     return f"{prefix}.{layer}.self_attn.k_proj.k_offset"
+
+
+def k_bias_name(prefix: str, layer: int) -> str:
+    """ModelOpt affine-KV K bias name of ``layer``."""
+    return f"{prefix}.{layer}.self_attn.k_proj.k_bias"

@@ -31,9 +31,11 @@ def stored(value: float) -> float:
 class LayerPlan:
     """What one layer exports.
 
-    ``k_amax`` / ``v_amax`` are the amax the scales must cover (for a centered K, the amax of
-    raw K, so engines that ignore the offset do not clip); ``k_amax_centered`` is the amax of
-    ``K - k_offset`` when the scales file has an offset. Scales are rounded up to bfloat16 values.
+    ``k_amax`` / ``v_amax`` are the amax the scales must cover: for a centered K the amax of
+    raw K (so engines that ignore the offset do not clip), or, in an export that makes engines
+    center K (``centered``), the amax of ``K - k_offset``. ``k_amax_centered`` / ``k_amax_raw``
+    are the amax of ``K - k_offset`` and of K when the scales file has an offset. Scales are
+    rounded up to bfloat16 values.
     """
 
     index: int
@@ -45,15 +47,20 @@ class LayerPlan:
     v_scale_per_head: tuple[float, ...] | None
     k_amax_centered: float | None
     k_offset: tuple[tuple[float, ...], ...] | None
+    k_amax_raw: float | None = None
+    centered: bool = False
 
 
-def plan_layers(source: KVSource, convention: str, per_head: bool) -> tuple[LayerPlan, ...]:
-    """Scales of every layer of ``source`` in ``convention``; per-head ones only if asked and known."""
+def plan_layers(
+    source: KVSource, convention: str, per_head: bool, centered: bool = False
+) -> tuple[LayerPlan, ...]:
+    """Scales of every layer of ``source`` in ``convention``; per-head ones only if asked and known.
+    ``centered``: K scales cover ``K - k_offset`` (for an engine that stores centered K)."""
     plans = []
     for layer, raw in zip(source.layers, source.k_amax_raw):
-        k_amax = raw if raw is not None else layer.k_amax
+        k_amax = raw if raw is not None and not centered else layer.k_amax
         k_heads = layer.k_amax_per_head
-        if k_heads is not None and layer.k_offset is not None:
+        if k_heads is not None and layer.k_offset is not None and not centered:
             k_heads = tuple(a + max(abs(v) for v in row) for a, row in zip(k_heads, layer.k_offset))
         plans.append(
             LayerPlan(
@@ -66,6 +73,8 @@ def plan_layers(source: KVSource, convention: str, per_head: bool) -> tuple[Laye
                 v_scale_per_head=_heads(layer.v_amax_per_head, convention) if per_head else None,
                 k_amax_centered=layer.k_amax if raw is not None else None,
                 k_offset=layer.k_offset,
+                k_amax_raw=raw,
+                centered=centered and raw is not None,
             )
         )
     return tuple(plans)

@@ -18,6 +18,7 @@ from fp4kv_cli import __version__
 from fp4kv_cli.export.conventions import Resolution
 from fp4kv_cli.export.plan import ConsumerView, LayerPlan, verdict
 from fp4kv_cli.export.source import KVSource
+from fp4kv_cli.quant.rotation import QKRotation
 from fp4kv_cli.quant.scales import CONVENTION_DIVISORS
 
 SIDECAR_SCHEMA = "fp4kv.kv_scales"
@@ -59,6 +60,7 @@ def build_report(
         "layers": [_layer(plan) for plan in plans],
         "consumers": _consumers(views, plans),
         "warnings": list(warnings),
+        "qk_rotation": rotation_serving(source.rotation, source.model.get("head_dim")),
     }
     if kv_dtype == "fp8":
         report["kv_cache"] = {
@@ -66,6 +68,19 @@ def build_report(
             "scaling_factor": {"0": {str(p.index): max(p.k_scale, p.v_scale) for p in plans}},
         }
     return report
+
+
+def rotation_serving(rotation: QKRotation | None, head_dim: int | None) -> dict[str, Any] | None:
+    """What serving K stored under ``rotation`` takes: the rotation itself, SGLang's flag, and
+    ModelOpt's config where it is the same rotation (the full head); None without a rotation."""
+    if rotation is None:
+        return None
+    return {
+        **rotation.to_dict(),
+        "order": "after RoPE: K centered (k_offset), then rotated; Q rotated; V not",
+        "sglang": f"--qkrot-block {rotation.block}",
+        "modelopt": "NVFP4_KV_ROTATE_CFG" if head_dim == rotation.block else None,
+    }
 
 
 def _layer(plan: LayerPlan) -> dict[str, Any]:
@@ -78,6 +93,8 @@ def _layer(plan: LayerPlan) -> dict[str, Any]:
         "k_scale_per_head": None if plan.k_scale_per_head is None else list(plan.k_scale_per_head),
         "v_scale_per_head": None if plan.v_scale_per_head is None else list(plan.v_scale_per_head),
         "k_amax_centered": plan.k_amax_centered,
+        "k_amax_raw": plan.k_amax_raw,
+        "k_scale_covers": "centered K" if plan.centered else "raw K",
         "k_offset": None if plan.k_offset is None else [list(row) for row in plan.k_offset],
     }
 

@@ -9,6 +9,7 @@ from typing import Any
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.export.checkpoint import checkpoint_amax, is_checkpoint, load_checkpoint
 from fp4kv_cli.model_config import KVShape
+from fp4kv_cli.quant.rotation import QKRotation
 from fp4kv_cli.quant.scales import LayerAmax, load_scales_file
 
 
@@ -17,7 +18,8 @@ class KVSource:
     """Validated per-layer amax plus where they came from.
 
     ``k_amax_raw[i]`` is the amax of raw (uncentered) K when layer ``i`` has a ``k_offset``
-    (then ``layers[i].k_amax`` is the amax of ``K - k_offset``), else ``None``.
+    (then ``layers[i].k_amax`` is the amax of ``K - k_offset``), else ``None``. ``rotation`` is
+    the Q/K rotation the K amax were recorded under (then they are of rotated K), or None.
     """
 
     path: Path
@@ -26,6 +28,7 @@ class KVSource:
     k_amax_raw: tuple[float | None, ...]
     description: str
     model: dict[str, Any]
+    rotation: QKRotation | None = None
 
 
 def load_source(path: Path, config: dict[str, Any], source_convention: str | None) -> KVSource:
@@ -43,7 +46,7 @@ def load_source(path: Path, config: dict[str, Any], source_convention: str | Non
         None if layer.k_offset is None else amax for layer, amax in zip(scales.layers, scales.k_amax_raw())
     )
     model = scales.data.get("model", {})
-    return KVSource(path, "scales", scales.layers, raw, f"scales file {path}", dict(model))
+    return KVSource(path, "scales", scales.layers, raw, f"scales file {path}", dict(model), scales.rotation())
 
 
 def _from_checkpoint(path: Path, shape: KVShape, source_convention: str | None) -> KVSource:
@@ -69,8 +72,15 @@ def _from_checkpoint(path: Path, shape: KVShape, source_convention: str | None) 
         layers,
         (None,) * len(layers),
         f"checkpoint {path} read as {convention} ({how})",
-        {"id": str(path), "source_convention": convention},
+        {"id": str(path), "source_convention": convention, "head_dim": shape.head_dim},
+        sidecar_rotation(ckpt.sidecar),
     )
+
+
+def sidecar_rotation(sidecar: dict[str, Any] | None) -> QKRotation | None:
+    """The Q/K rotation an fp4kv sidecar records (None without a sidecar or a rotation)."""
+    entry = None if sidecar is None else sidecar.get("qk_rotation")
+    return None if entry is None else QKRotation.from_dict(entry, "sidecar qk_rotation")
 
 
 def _check_heads(layer: LayerAmax, shape: KVShape, source: str) -> None:

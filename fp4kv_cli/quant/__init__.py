@@ -11,6 +11,7 @@ from fp4kv_cli.quant.methods import (
     KVCacheMethod,
     LayerScales,
     NVFP4KVMethod,
+    NVFP4Over6KVMethod,
 )
 from fp4kv_cli.quant.registry import (
     FP4_KV_CACHE_QUANT_REGISTRY,
@@ -32,6 +33,7 @@ __all__ = [
     "LayerScales",
     "NVFP4KVMethod",
     "NVFP4KVQuantizeUtil",
+    "NVFP4Over6KVMethod",
     "get_fp4_kv_cache_quant_method",
     "get_kv_cache_method",
 ]

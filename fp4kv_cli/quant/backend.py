@@ -15,8 +15,11 @@ import torch
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.quant import reference
 
-#: Formats that store E2M1 codes with block scales.
-FP4_FORMATS = ("nvfp4", "blockfp4")
+#: Formats that store E2M1 codes with block scales (writer names; ``nvfp4_4over6`` writes the
+#: ``nvfp4`` layout, which every NVFP4 reader reads).
+FP4_FORMATS = ("nvfp4", "nvfp4_4over6", "blockfp4")
+#: Writers of the two-level NVFP4 layout (E4M3 block scale x FP32 global scale ``g``).
+NVFP4_WRITERS = ("nvfp4", "nvfp4_4over6")
 
 
 class BackendUnavailableError(FP4KVError):
@@ -42,6 +45,8 @@ class TorchBackend:
         """Quantize ``x [M, K]`` to ``(packed [M, K/2], scales [M, K/16])`` in ``fmt``."""
         if fmt == "nvfp4":
             return reference.nvfp4_quantize_reference(x, _require(global_scale))
+        if fmt == "nvfp4_4over6":
+            return reference.nvfp4_4over6_quantize_reference(x, _require(global_scale))
         return reference.blockfp4_quantize_reference(x)
 
     def dequantize(
@@ -52,8 +57,9 @@ class TorchBackend:
         global_scale: torch.Tensor | None,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """Decode ``packed [M, K/2]`` + ``scales [M, K/16]`` to ``[M, K]`` of ``dtype``."""
-        if fmt == "nvfp4":
+        """Decode ``packed [M, K/2]`` + ``scales [M, K/16]`` to ``[M, K]`` of ``dtype`` (any NVFP4
+        writer's bytes read as ``nvfp4``)."""
+        if fmt in NVFP4_WRITERS:
             return reference.nvfp4_dequantize_reference(packed, scales, _require(global_scale), dtype)
         return reference.blockfp4_dequantize_reference(packed, scales, dtype)
 

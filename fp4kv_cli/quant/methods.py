@@ -40,6 +40,9 @@ class KVCacheMethod(ABC):
     """One KV storage format: buffer layout, write path, read path, size and scales."""
 
     name: ClassVar[str]
+    #: The layout its buffers hold, as every reader (dequantize, gather, decode-attention kernel)
+    #: names it: the method's own name unless it only writes another format's layout differently.
+    layout: ClassVar[str]
     #: Stored bits per cached element, block scales included.
     bits_per_element: ClassVar[float]
     #: Whether a per-layer K/V scale is needed (from calibration or computed dynamically).
@@ -109,6 +112,11 @@ class KVCacheMethod(ABC):
 
         ``kv_size`` is the number of cached tensors per layer (2: K and V).
         """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and "layout" not in cls.__dict__:
+            cls.layout = cls.name
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise :class:`FP4KVError` if this format cannot store heads of ``head_dim`` (any
@@ -214,12 +222,12 @@ class FP4KVCacheQuantMethod(KVCacheMethod):
         backend = get_backend(data_buffer.device)
         g = self._global(global_scale, data_buffer.device)
         if dtype != torch.float8_e4m3fn:
-            return backend.dequantize_gather(self.name, data_buffer, scale_buffer, loc, g, dtype)
+            return backend.dequantize_gather(self.layout, data_buffer, scale_buffer, loc, g, dtype)
         if fp8_scale is None:
             if g is None:
                 raise ValueError(f"{self.name} -> fp8 needs fp8_scale (the per-tensor FP8 scale)")
             fp8_scale = g * E2M1_MAX
-        values = backend.dequantize_gather(self.name, data_buffer, scale_buffer, loc, g, torch.float32)
+        values = backend.dequantize_gather(self.layout, data_buffer, scale_buffer, loc, g, torch.float32)
         return reference.to_fp8_output(values, fp8_scale)
 
     def _global(self, scale: float | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -243,6 +251,15 @@ class NVFP4KVMethod(FP4KVCacheQuantMethod):
         if scale is None:
             raise ValueError("nvfp4 needs a per-layer global scale (k_scale / v_scale)")
         return reference.as_global_scale(scale, device)
+
+
+class NVFP4Over6KVMethod(NVFP4KVMethod):
+    """NVFP4 written "4 over 6" (vLLM's ``nvfp4_4over6``): per block the scale that maps the max to
+    6 or to 4, whichever the writer's squared error prefers (ties keep 6; see
+    :mod:`fp4kv_cli.quant.reference`). Same buffers, scales and readers as ``nvfp4``."""
+
+    name: ClassVar[str] = "nvfp4_4over6"
+    layout: ClassVar[str] = "nvfp4"
 
 
 class BlockFP4KVMethod(FP4KVCacheQuantMethod):

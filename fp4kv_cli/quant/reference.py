@@ -11,6 +11,16 @@ rounded fp32 reciprocals. Per 16-element block along the last dimension, in fp32
 A block whose scale underflows to zero (``sf == 0``; this includes ``bmax == 0``) stores
 zero codes, as FlashInfer does; its values dequantize to 0 either way.
 
+NVFP4 "4 over 6" (``nvfp4_4over6``, vLLM's KV cache dtype of that name, its store kernel
+``cvt_warp_fp16_to_fp4_4over6``): the same layout and reader; per block the writer forms two
+candidates, the max mapped to 6 (``sf6``/``r6`` as above) and to 4 (``bmax * 0.25`` instead of
+``bmax * (1/6)``), scores each by its squared reconstruction error in the writer's own terms,
+``d_i = E2M1[code_i] * (1 / r) - x_i`` (0 for ``1 / r`` where ``r == 0``), summed as
+``err = (((d_0^2 + d_1^2) + (d_2^2 + d_3^2)) + ...)`` pair by pair in element order (vLLM's
+16-element thread loop), and keeps the 4 candidate only when ``err4 < err6`` (a tie keeps 6).
+Every step is one correctly rounded fp32 operation; vLLM's CUDA uses ``rcp.approx.ftz`` for the
+reciprocals, which this core replaces by correctly rounded ones throughout (as for ``nvfp4``).
+
 BlockFP4 (single level, UE8M0 power-of-two scale per 16):
 ``e = clamp(ceil(log2(bmax / 6)), -127, 127) + 127`` (0 for a zero block),
 ``code = e2m1_rn_satfinite(x * 2 ** -(e - 127))``, ``dequant = E2M1[code] * 2 ** (e - 127)``.
@@ -42,6 +52,7 @@ from fp4kv_cli.quant.formats import (
 )
 
 _ONE_SIXTH = 1.0 / 6.0
+_ONE_FOURTH = 0.25
 
 
 def as_global_scale(global_scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -98,22 +109,51 @@ def nvfp4_quantize_reference(
     if check:
         check_finite(x)
         check_global_scale(global_scale)
-    sf_byte, codes = _nvfp4_encode(_blocks(x), as_global_scale(global_scale, x.device), _ONE_SIXTH)
+    sf_byte, _, codes = _nvfp4_encode(_blocks(x), as_global_scale(global_scale, x.device), _ONE_SIXTH)
     return pack_nibbles(codes.reshape(x.shape[0], -1)), sf_byte
+
+
+def nvfp4_4over6_quantize_reference(
+    x: torch.Tensor, global_scale: float | torch.Tensor, check: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x [M, K]`` to NVFP4 with each block's scale chosen "4 over 6" (module docstring):
+    the same outputs, layout and reader as :func:`nvfp4_quantize_reference`."""
+    if check:
+        check_finite(x)
+        check_global_scale(global_scale)
+    xb = _blocks(x)
+    g = as_global_scale(global_scale, x.device)
+    sf6, r6, codes6 = _nvfp4_encode(xb, g, _ONE_SIXTH)
+    sf4, r4, codes4 = _nvfp4_encode(xb, g, _ONE_FOURTH)
+    use4 = _writer_error(xb, r4, codes4) < _writer_error(xb, r6, codes6)
+    codes = torch.where(use4.unsqueeze(-1), codes4, codes6)
+    return pack_nibbles(codes.reshape(x.shape[0], -1)), torch.where(use4, sf4, sf6)
 
 
 def _nvfp4_encode(
     xb: torch.Tensor, g: torch.Tensor, reciprocal_top: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 scale bytes ``[M, B]`` and E2M1 codes ``[M, B, 16]`` of fp32 blocks ``xb [M, B, 16]``
-    with global scale ``g``, each block's max mapped to the E2M1 value ``1 / reciprocal_top``
-    (``_ONE_SIXTH``: 6, the shipped rule)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E4M3 scale bytes ``[M, B]``, reciprocals ``r [M, B]`` and E2M1 codes ``[M, B, 16]`` of fp32
+    blocks ``xb [M, B, 16]`` with global scale ``g``, each block's max mapped to the E2M1 value
+    ``1 / reciprocal_top`` (``_ONE_SIXTH``: 6, the nvfp4 rule; ``_ONE_FOURTH``: 4)."""
     block_max = xb.abs().amax(dim=-1)
     sf_byte = e4m3_encode_satfinite((1.0 / g) * (block_max * reciprocal_top))
     sf = e4m3_decode(sf_byte)
     denom = sf * g
     reciprocal = torch.where(sf != 0, 1.0 / denom, torch.zeros_like(denom))
-    return sf_byte, e2m1_encode(xb * reciprocal.unsqueeze(-1))
+    return sf_byte, reciprocal, e2m1_encode(xb * reciprocal.unsqueeze(-1))
+
+
+def _writer_error(xb: torch.Tensor, reciprocal: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The 4-over-6 writer's squared error ``[M, B]`` of one candidate: ``d = E2M1[code] * (1 / r)
+    - x`` per element, ``d_even^2 + d_odd^2`` per pair, the pairs added left to right."""
+    dequant = torch.where(reciprocal != 0, 1.0 / reciprocal, torch.zeros_like(reciprocal))
+    diff = e2m1_decode(codes) * dequant.unsqueeze(-1) - xb
+    pairs = diff[..., 0::2] * diff[..., 0::2] + diff[..., 1::2] * diff[..., 1::2]
+    error = pairs[..., 0]
+    for i in range(1, pairs.shape[-1]):
+        error = error + pairs[..., i]
+    return error
 
 
 def nvfp4_dequantize_reference(
@@ -196,6 +236,7 @@ __all__ = [
     "check_global_scale",
     "fp8_dequantize_reference",
     "fp8_quantize_reference",
+    "nvfp4_4over6_quantize_reference",
     "nvfp4_dequantize_reference",
     "nvfp4_quantize_reference",
     "to_fp8_output",

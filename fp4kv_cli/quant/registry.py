@@ -12,10 +12,12 @@ from fp4kv_cli.quant.methods import (
     FP8KVMethod,
     KVCacheMethod,
     NVFP4KVMethod,
+    NVFP4Over6KVMethod,
 )
 
 FP4_KV_CACHE_QUANT_REGISTRY: dict[str, type[FP4KVCacheQuantMethod]] = {
     "nvfp4": NVFP4KVMethod,
+    "nvfp4_4over6": NVFP4Over6KVMethod,
     "blockfp4": BlockFP4KVMethod,
 }
 
@@ -35,10 +37,10 @@ def _lookup(registry: dict[str, type[KVCacheMethod]], name: str, what: str) -> t
 
 
 def get_fp4_kv_cache_quant_method(name: str, **kwargs: Any) -> FP4KVCacheQuantMethod:
-    """Instantiate the FP4 KV quant method registered as ``name`` (``nvfp4`` or ``blockfp4``)."""
+    """Instantiate the FP4 KV quant method registered as ``name`` (``nvfp4``, ``nvfp4_4over6``, ``blockfp4``)."""
     return _lookup(FP4_KV_CACHE_QUANT_REGISTRY, name, "FP4 KV cache quant method")(**kwargs)
 
 
 def get_kv_cache_method(name: str, **kwargs: Any) -> KVCacheMethod:
-    """Instantiate any KV storage format by name (``bf16``, ``fp8``, ``nvfp4``, ``blockfp4``)."""
+    """Instantiate any KV storage format by name (``bf16``, ``fp8``, ``nvfp4``, ``nvfp4_4over6``, ``blockfp4``)."""
     return _lookup(KV_CACHE_METHOD_REGISTRY, name, "KV cache dtype")(**kwargs)

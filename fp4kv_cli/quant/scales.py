@@ -25,6 +25,11 @@ mean of K, from ``calibrate --center-k``) may be present; when it is, ``k_amax``
 ``K - k_offset`` and ``k_amax_raw`` keeps the amax of K itself (what an engine that ignores the
 offset must be given).
 
+A top-level ``"k_rotation": {"kind": "hadamard", "block": int}`` (``calibrate --qk-rotation``)
+says K is stored Hadamard-rotated (:mod:`fp4kv_cli.quant.rotation`), after centering; every K
+statistic of the file (``k_amax``, ``k_amax_raw``, per-head amax, percentiles, top channels) is
+then of rotated K, while ``k_offset`` stays in the unrotated basis the cache centers in.
+
 Optional per-layer ``"k_format"`` / ``"v_format"`` entries (names of KV cache formats:
 ``bf16``, ``fp8``, ``nvfp4``, ``blockfp4``) make the file a mixed-format *recipe*, written by
 ``fp4kv analyze --write-recipe`` and run by ``fp4kv eval gsm8k --kv-dtype recipe``. When
@@ -50,6 +55,7 @@ from typing import Any, Literal
 
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX
+from fp4kv_cli.quant.rotation import QKRotation
 
 SCALES_SCHEMA = "fp4kv.scales"
 SCALES_VERSION = 1
@@ -168,6 +174,10 @@ class ScalesFile:
         """Per-layer V amax."""
         return [layer.v_amax for layer in self.layers]
 
+    def rotation(self) -> QKRotation | None:
+        """The Q/K rotation the file's K statistics were recorded under, if any."""
+        return QKRotation.from_dict(self.data.get("k_rotation"))
+
     def recipe(self) -> tuple[list[str], list[str]] | None:
         """Per-layer K and V format names when the file is a recipe, else None."""
         if all(layer.k_format is None and layer.v_format is None for layer in self.layers):
@@ -181,6 +191,13 @@ class ScalesFile:
             raise ScalesFileError(
                 f"scales file has {self.num_layers} layers but the model has {expected}; "
                 "calibrate this model with fp4kv calibrate"
+            )
+        rotation = self.rotation()
+        head_dim = (config.get("text_config") or config).get("head_dim")
+        if rotation is not None and head_dim is not None and head_dim % rotation.block:
+            raise ScalesFileError(
+                f"scales file k_rotation block {rotation.block} does not divide the model's head_dim "
+                f"{head_dim}; calibrate this model with fp4kv calibrate"
             )
         recorded = self.config_hash
         if recorded is not None and recorded != config_hash(config):
@@ -220,6 +237,10 @@ def parse_scales(data: Mapping[str, Any], source: str = "scales") -> ScalesFile:
             f"{source} gives k_format/v_format for some layers or tensors only; give both on every "
             "layer (fp4kv analyze --write-recipe writes them)"
         )
+    try:
+        QKRotation.from_dict(data.get("k_rotation"), f"{source} k_rotation")
+    except FP4KVError as err:
+        raise ScalesFileError(str(err)) from None
     return ScalesFile(data=dict(data), layers=layers)
 
 

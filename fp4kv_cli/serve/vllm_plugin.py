@@ -3,3 +3,6 @@
 
 def register() -> None:
     """Entry point vLLM calls in every process it starts; idempotent."""
+    from fp4kv_cli.serve.vllm_centering import install
+
+    install()

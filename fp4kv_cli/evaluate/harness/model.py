@@ -148,7 +148,7 @@ class FP4KVLM(HFLM):
         sampler = self._sampler(prompts, generation_kwargs)
         cache = self.new_cache(context.shape[1] + new)
         tokens, counts = generate_tokens(
-            self.model, self.tokenizer, prompts, cache, config, self.decode_attention, sampler
+            self.model, self.tokenizer, prompts, cache, config, self.decode_attention, sampler=sampler
         )
         kept = (
             torch.arange(tokens.shape[1], device=tokens.device)[None, :] < counts.to(tokens.device)[:, None]

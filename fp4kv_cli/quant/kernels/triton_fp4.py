@@ -1,4 +1,5 @@
-"""Triton kernels for NVFP4 and BlockFP4 (SM80+), bit-exact with :mod:`fp4kv_cli.quant.reference`.
+"""Triton kernels for NVFP4 (and its 4-over-6 writer) and BlockFP4 (SM80+), bit-exact with
+:mod:`fp4kv_cli.quant.reference`.
 
 Every 16-element block is handled as 8 *pairs*: the input is read as 32-bit words (two bf16/fp16
 elements) or 64-bit words (two fp32), the even element in the low half, so one pair becomes one
@@ -16,6 +17,11 @@ arithmetic mirrors the reference step for step:
 - the E2M1 code is computed from ``|x| * r`` (``r >= 0``) and takes ``x``'s sign bit, which is the
   reference's ``signbit(x * r)`` wherever ``x * r`` is not NaN (NaN bytes are unspecified).
 
+NVFP4 "4 over 6" (``nvfp4_4over6``, ``FMT`` 2) quantizes each block twice in registers (max
+mapped to 6 and to 4), scores both with the reference's writer error (pair errors added in
+element order, each product and sum rounded: fusion is off) and keeps the 4 candidate only when
+its error is strictly smaller; its bytes decode as NVFP4 (``FMT`` 0 and 2 share the reader).
+
 The global scale ``g`` is a 0-dim float32 device tensor read inside the kernel (no host sync).
 Under ``TRITON_INTERPRET=1`` (CPU tests) fp32 -> bf16 is rounded in integer code, because the
 interpreter truncates that conversion; on the GPU the hardware ``cvt.rn`` is used.
@@ -30,12 +36,12 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from fp4kv_cli.quant.backend import TorchBackend
+from fp4kv_cli.quant.backend import NVFP4_WRITERS, TorchBackend
 from fp4kv_cli.quant.formats import FP4_BLOCK_SIZE
 from fp4kv_cli.quant.reference import as_global_scale
 
 #: Format ids passed to the kernels as ``FMT``.
-_FORMAT_IDS = {"nvfp4": 0, "blockfp4": 1}
+_FORMAT_IDS = {"nvfp4": 0, "blockfp4": 1, "nvfp4_4over6": 2}
 #: Element dtypes the kernels read or write, as ``IN_KIND`` / ``OUT_KIND`` ids.
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: Elements one program handles (rows x blocks x 16) and its warps, per kernel: the best of the
@@ -145,6 +151,49 @@ def _decode_pairs(packed, scale_byte, g_ptr, NVFP4: tl.constexpr):
         lo = lo * g
         hi = hi * g
     return lo, hi
+
+
+@triton.jit
+def _nvfp4_scale(block_max, g, reciprocal_top):
+    """NVFP4 scale byte (int32) and reciprocal ``r`` of blocks of ``block_max`` whose max maps to the
+    E2M1 value ``1 / reciprocal_top``: ``sf = e4m3((1/g) * (bmax * top))``, ``r = 1 / (float(sf) * g)``
+    (0 where ``sf == 0``)."""
+    u = tl.math.div_rn(1.0, g) * (block_max * reciprocal_top)
+    u = tl.where(u > 448.0, 448.0, u)
+    scale_byte = _e4m3_encode(u)
+    denom = _e4m3_decode(scale_byte) * g
+    r = tl.where(scale_byte != 0, tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom), 0.0)
+    return scale_byte, r
+
+
+@triton.jit
+def _pair_error(even, odd, r3, d3):
+    """``d_even^2 + d_odd^2`` per pair, ``d = E2M1[code(x * r)] * d3 - x`` (``[rows, blocks, 4]``)."""
+    packed = _encode_pairs(even, odd, r3)
+    de = _e2m1_value(packed & 15) * d3 - even
+    do = _e2m1_value(packed >> 4) * d3 - odd
+    return de * de + do * do
+
+
+@triton.jit
+def _lanes(p):
+    """The four lanes of ``p [rows, blocks, 4]`` as ``[rows, blocks]`` tensors, in lane order."""
+    a, b = tl.split(tl.reshape(p, [p.shape[0], p.shape[1], 2, 2]))  # lanes (0, 2) and (1, 3)
+    l0, l2 = tl.split(a)
+    l1, l3 = tl.split(b)
+    return l0, l1, l2, l3
+
+
+@triton.jit
+def _writer_error(x0, x1, x2, x3, r):
+    """The 4-over-6 writer's squared error per block (``[rows, blocks]``) of the candidate with
+    reciprocal ``r``: pair errors added left to right over pairs 0..7, as the reference does."""
+    d = tl.where(r != 0, tl.math.div_rn(tl.full(r.shape, 1.0, tl.float32), r), 0.0)
+    r3 = r[:, :, None]
+    d3 = d[:, :, None]
+    p0, p1, p2, p3 = _lanes(_pair_error(x0, x1, r3, d3))
+    p4, p5, p6, p7 = _lanes(_pair_error(x2, x3, r3, d3))
+    return ((((((p0 + p1) + p2) + p3) + p4) + p5) + p6) + p7
 
 
 @triton.jit
@@ -263,13 +312,17 @@ def _quantize_kernel(
         block_max = tl.maximum(a, b)
 
         if FMT == 0:
-            # NVFP4: sf = e4m3((1/g) * (bmax * (1/6))); r = 1 / (float(sf) * g), 0 where sf == 0.
+            scale_byte, r = _nvfp4_scale(block_max, tl.load(g_ptr), 0.16666667163372040)
+        elif FMT == 2:
+            # NVFP4 4 over 6: the max -> 4 candidate where its writer error is strictly smaller.
             g = tl.load(g_ptr)
-            u = tl.math.div_rn(1.0, g) * (block_max * 0.16666667163372040)
-            u = tl.where(u > 448.0, 448.0, u)
-            scale_byte = _e4m3_encode(u)
-            denom = _e4m3_decode(scale_byte) * g
-            r = tl.where(scale_byte != 0, tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom), 0.0)
+            scale6, r6 = _nvfp4_scale(block_max, g, 0.16666667163372040)
+            scale4, r4 = _nvfp4_scale(block_max, g, 0.25)
+            err6 = _writer_error(x0, x1, x2, x3, r6)
+            err4 = _writer_error(x0, x1, x2, x3, r4)
+            use4 = err4 < err6
+            scale_byte = tl.where(use4, scale4, scale6)
+            r = tl.where(use4, r4, r6)
         else:
             # BlockFP4: e = clamp(ceil(log2(bmax / 6)), -127, 127) with frexp semantics; r = 2^-e.
             ratio = tl.math.div_rn(block_max, tl.full(block_max.shape, 6.0, tl.float32))
@@ -348,7 +401,7 @@ def _dequantize_kernel(
     scale_byte = tl.load(scale_ptr + (scale_src[:, None] + blocks[None, :]), mask=block_ok, other=0).to(
         tl.int32
     )
-    lo, hi = _decode_pairs(packed, scale_byte, g_ptr, FMT == 0)
+    lo, hi = _decode_pairs(packed, scale_byte, g_ptr, FMT != 1)
     if OUT_KIND == 2:
         word = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (
             hi.to(tl.int32, bitcast=True).to(tl.int64) << 32
@@ -389,7 +442,7 @@ def _check_rows(x: torch.Tensor) -> None:
 
 
 def _global(fmt: str, global_scale: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    if fmt != "nvfp4":
+    if fmt not in NVFP4_WRITERS:
         return None
     if global_scale is None:
         raise ValueError("nvfp4 needs a global scale g; pass k_scale/v_scale or load calibrated scales")

@@ -1,0 +1,1 @@
+"""``fp4kv run``: named presets (``configs/*.toml``) run end to end, with a report."""
