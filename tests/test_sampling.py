@@ -175,6 +175,7 @@ def test_resume_adds_samples(tiny_llama_dir: Path, tmp_path: Path) -> None:
         (["--samples", "0", "--temperature", "1"], "--samples must be > 0"),
         (["--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--engine", "vllm", "--temperature", "0.6"], "are for --engine fp4kv"),
     ],
 )
 def test_bad_sampling_options(tiny_llama_dir: Path, tmp_path: Path, extra: list[str], message: str) -> None:
