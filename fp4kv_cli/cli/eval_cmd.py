@@ -192,7 +192,9 @@ def gsm8k(
         prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
     )
     if engine == "vllm" and (samples != 1 or temperature != 0.0):
-        raise FP4KVError("--samples/--temperature are for --engine fp4kv; drop them with --engine vllm (greedy)")
+        raise FP4KVError(
+            "--samples/--temperature are for --engine fp4kv; drop them with --engine vllm (greedy)"
+        )
     if engine == "vllm":
         from fp4kv_cli.evaluate.vllm_engine import EngineSettings, run_gsm8k_vllm
 

@@ -77,6 +77,7 @@ def lm_eval_command(
     except ImportError as err:
         raise FP4KVError(f"fp4kv eval lm-eval needs lm-eval ({err}); pip install 'fp4kv[lmeval]'") from None
     from fp4kv_cli.evaluate.runner import parse_kv_dtypes
+
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if not names:
         raise FP4KVError("--tasks is empty; pass e.g. gsm8k_local")

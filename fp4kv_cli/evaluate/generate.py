@@ -102,7 +102,9 @@ def generate_batch(
 ) -> list[Continuation]:
     """Continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch), each
     decoded and cut at ``stops``; see :func:`generate_tokens`."""
-    tokens, counts = generate_tokens(model, tokenizer, prompt_ids, cache, config, decode, prefill_chunk, sampler)
+    tokens, counts = generate_tokens(
+        model, tokenizer, prompt_ids, cache, config, decode, prefill_chunk, sampler
+    )
     return _continuations(tokenizer, tokens, counts, stops)
 
 
