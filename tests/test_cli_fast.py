@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "safetensors", "matplotlib", "numpy")
 COMMANDS = ["", "calibrate", "export-scales", "inspect", "eval gsm8k", "analyze", "recipe", "methods",
-            "bench kernels", "convert"]  # fmt: skip
+            "bench kernels", "convert", "eval lm-eval", "eval longctx", "run"]  # fmt: skip
 
 
 def test_help_imports_no_heavy_module() -> None:

@@ -8,6 +8,7 @@ from fp4kv_cli.cli import (  # noqa: F401  # noqa: F401
     eval_cmd,
     export_cmd,
     inspect_cmd,
+    lmeval_cmd,
     longctx_cmd,
     methods_cmd,
     recipe_cmd,

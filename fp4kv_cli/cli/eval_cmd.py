@@ -136,6 +136,26 @@ def gsm8k(
             "is one chunk's (default 16384).",
         ),
     ] = None,
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples",
+            help="Sampled generations per question (needs --temperature > 0); accuracy is their mean, "
+            "differences vs bf16 are paired per question. A --resume may raise it.",
+        ),
+    ] = 1,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Sampling temperature; 0 (default) is greedy, as lm-eval.")
+    ] = 0.0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature).")
+    ] = 1.0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Sampling seed; every format draws the same noise per question and sample."
+        ),
+    ] = 0,
 ) -> None:
     """GSM8K (lm-eval gsm8k prompt and scoring) with the KV cache really stored in each format."""
     engine = engine.strip().lower()
@@ -165,8 +185,16 @@ def gsm8k(
         run_name=run_name,
         resume=resume,
         decode_attention=decode_attention.strip().lower(),
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
         prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
     )
+    if engine == "vllm" and (samples != 1 or temperature != 0.0):
+        raise FP4KVError(
+            "--samples/--temperature are for --engine fp4kv; drop them with --engine vllm (greedy)"
+        )
     if engine == "vllm":
         from fp4kv_cli.evaluate.vllm_engine import EngineSettings, run_gsm8k_vllm
 
@@ -200,12 +228,24 @@ def gsm8k(
 
 def summary_table(summary: dict[str, Any]) -> Table:
     """Side-by-side rich table of every KV format in a summary."""
-    table = Table(
-        title=f"GSM8K {summary['prompt']}, {summary['num_questions']} questions, {summary['model']}",
-        caption="accuracy [95% Wilson CI]; delta vs bf16 on the same questions [95% CI]; KL in nats per token",
+    decoding = summary.get("decoding", {"mode": "greedy"})
+    sampled = decoding["mode"] == "sampled"
+    protocol = (
+        f"{decoding['samples']} samples/question at T={decoding['temperature']:g}, top-p={decoding['top_p']:g}, "
+        f"seed {decoding['seed']}"
+        if sampled
+        else "greedy"
     )
-    for column in ("kv", "scales", "strict", "flexible", "Δ strict", "Δ flexible", "KL", "top-1", "tok/s",
-                   "KV B/token", "gen s"):  # fmt: skip
+    table = Table(
+        title=f"GSM8K {summary['prompt']}, {summary['num_questions']} questions, {protocol}, {summary['model']}",
+        caption=(
+            "accuracy: mean over samples [95% CI over questions]" if sampled else "accuracy [95% Wilson CI]"
+        )
+        + "; delta vs bf16 on the same questions [95% CI]; MDD: smallest strict delta detected with 80% power"
+        "; KL in nats per token",
+    )
+    for column in ("kv", "scales", "strict", "flexible", "Δ strict", "Δ flexible", "MDD", "KL", "top-1",
+                   "tok/s", "KV B/token", "gen s"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("kv", "scales") else "right")
     for kv, r in summary["results"].items():
         fid = r["fidelity"]
@@ -216,6 +256,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
             _acc(r["accuracy"]["flexible"]),
             _delta(r["vs_bf16"], "strict"),
             _delta(r["vs_bf16"], "flexible"),
+            _mdd(r["vs_bf16"]),
             "-" if fid is None else f"{fid['kl']:.4f}",
             "-" if fid is None else f"{fid['top1']:.1%}",
             "-" if r["tokens_per_second"] is None else f"{r['tokens_per_second']:.0f}",
@@ -237,8 +278,15 @@ def paired_table(paired: dict[str, Any]) -> Table:
 
 
 def _acc(acc: dict[str, Any]) -> str:
+    if acc["ci95"] is None:
+        return f"{acc['mean']:.1%}"
     low, high = acc["ci95"]
     return f"{acc['mean']:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def _mdd(paired: dict[str, Any] | None) -> str:
+    mdd = None if paired is None else paired["strict"].get("mdd80")
+    return "-" if mdd is None else f"{mdd:.1%}"
 
 
 def _delta(paired: dict[str, Any] | None, key: str) -> str:

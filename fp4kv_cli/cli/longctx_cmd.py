@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fp4kv_cli.cli.app import DeviceOption, DtypeOption, console, err_console, eval_app, guarded
 from fp4kv_cli.cli.eval_cmd import TABLE_WIDTH
-from fp4kv_cli.evaluate.longctx_tasks import TASKS, parse_tasks
+from fp4kv_cli.evaluate.longctx_tasks import DEFAULT_LENGTHS, TASKS, parse_tasks
 
 #: Short column names of the tasks in the table.
 TASK_COLUMNS = {
@@ -39,7 +39,7 @@ def longctx(
             "--lengths",
             help="Tokens per sequence (prompt + generation); those above the model's maximum are skipped.",
         ),
-    ] = "4096,8192,16384,32768",
+    ] = ",".join(str(n) for n in DEFAULT_LENGTHS),
     tasks: Annotated[str, typer.Option("--tasks", help=f"Comma-separated: {', '.join(TASKS)}.")] = ",".join(
         TASKS
     ),

@@ -1,4 +1,4 @@
-"""Batched greedy generation through a given KV cache, with lm-eval's stop strings.
+"""Batched greedy (or seeded sampled) generation through a given KV cache, with lm-eval's stop strings.
 
 Prompts are left-padded into one batch; ``model.generate`` runs greedy decoding and stops a row
 at EOS or when a stop string completes (transformers' ``StopStringCriteria``, evaluated on the
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StopStringCriteria
+from transformers import GenerationConfig, LogitsProcessorList, StopStringCriteria
 
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.evaluate.gsm8k import cut_at_stop
 from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill, row_chunk
+from fp4kv_cli.evaluate.sampling import ChosenTokenProcessor, RowSampler
 from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
 from fp4kv_cli.models import cache_argument, input_device
@@ -97,15 +98,37 @@ def generate_batch(
     stops: Sequence[str],
     decode: str = "graph",
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    sampler: RowSampler | None = None,
 ) -> list[Continuation]:
-    """Greedy continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch).
+    """Continuations of ``prompt_ids`` with the KV cache ``cache`` (fresh, one per batch), each
+    decoded and cut at ``stops``; see :func:`generate_tokens`."""
+    tokens, counts = generate_tokens(
+        model, tokenizer, prompt_ids, cache, config, decode, prefill_chunk, sampler
+    )
+    return _continuations(tokenizer, tokens, counts, stops)
+
+
+def generate_tokens(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    cache: QuantKVCache,
+    config: GenerationConfig,
+    decode: str = "graph",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    sampler: RowSampler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy (or, with ``sampler``, seeded sampled) continuations of ``prompt_ids`` with the KV
+    cache ``cache`` (fresh, one per batch): tokens ``[batch, n]`` and how many of each row's
+    tokens count (up to its stop: EOS excluded, a completed stop string included).
 
     ``decode``: ``graph`` — decode steps attend straight from the cache's buffers with the
     decode-attention kernel, static shapes, each step one CUDA graph replay
     (:mod:`fp4kv_cli.evaluate.static_decode`), where supported, else ``fused``; ``fused`` — the
     same kernel in eager steps through ``generate`` where it runs
     (:func:`fp4kv_cli.fused_attention.fused_decode`), else ``gather``; ``gather`` — the prefix is
-    read back as dequantized tensors and SDPA runs.
+    read back as dequantized tensors and SDPA runs. Every path draws sampled tokens with the same
+    ``sampler`` (inside the graph step, or as a logits processor of ``generate``).
 
     ``prefill_chunk``: prompt tokens per prefill forward over the batch
     (:mod:`fp4kv_cli.evaluate.prefill`). On the ``generate`` paths a prompt longer than one chunk
@@ -122,13 +145,16 @@ def generate_batch(
             attention_mask,
             config.max_new_tokens,
             row_stops.update,
+            choose=sampler,
             prefill_chunk=prefill_chunk,
         )
         row_stops.update(tokens)
-        return _continuations(tokenizer, tokens, row_stops.counts(tokens.shape[1]), stops)
+        return tokens, row_stops.counts(tokens.shape[1])
     fused = decode in ("fused", "graph")
     cache.set_token_mask(attention_mask)
-    extra = {"tokenizer": tokenizer} if config.stop_strings else {}
+    extra: dict[str, Any] = {"tokenizer": tokenizer} if config.stop_strings else {}
+    if sampler is not None:
+        extra["logits_processor"] = LogitsProcessorList([ChosenTokenProcessor(sampler, input_ids.shape[1])])
     with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext():
         if row_chunk(prefill_chunk, input_ids.shape[0]) < input_ids.shape[1]:
             chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk, input_ids.shape[1] - 1)
@@ -141,7 +167,7 @@ def generate_batch(
         )
     generated = out[:, input_ids.shape[1] :]
     ends = [t for t in (config.pad_token_id, *(config.eos_token_id or [])) if t is not None]
-    return _continuations(tokenizer, generated, generated.shape[1] - _trailing(generated, ends), stops)
+    return generated, generated.shape[1] - _trailing(generated, ends)
 
 
 def _continuations(

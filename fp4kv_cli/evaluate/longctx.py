@@ -28,7 +28,7 @@ from fp4kv_cli import __version__
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.batching import auto_batch_size, kv_bytes_per_token
 from fp4kv_cli.evaluate.generate import generate_batch, greedy_config, neutral_generation_defaults
-from fp4kv_cli.evaluate.longctx_tasks import TASKS, TaskSample, make_samples, score
+from fp4kv_cli.evaluate.longctx_tasks import DEFAULT_LENGTHS, TASKS, TaskSample, make_samples, score
 from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
 from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, row_chunk
 from fp4kv_cli.evaluate.results import SampleLog, prepare_run_dir, samples_path, write_summary
@@ -48,8 +48,6 @@ from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype,
 from fp4kv_cli.progress import count_progress
 from fp4kv_cli.quant.registry import get_kv_cache_method
 
-#: Default lengths (tokens per sequence, prompt + generation).
-DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
 #: Prefill forwards a prompt takes at most, by the batch cap (see the module docstring).
 CHUNKS_PER_PROMPT = 8
 

@@ -31,6 +31,8 @@ from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.errors import FP4KVError
 
 TASKS = ("niah_single", "niah_multikey", "passkey", "variable_tracking")
+#: Default lengths (tokens per sequence, prompt + generation).
+DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
 #: Needles in ``niah_multikey`` (one asked, the rest distractors) and variables in a tracking chain.
 MULTIKEY_NEEDLES = 4
 CHAIN_LENGTH = 4

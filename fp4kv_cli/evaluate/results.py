@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,15 @@ from fp4kv_cli.validate import check_output_path
 #: each sample, which changes results only at the format's rounding level).
 #: The decode read is one of them: the kernel and SDPA round differently, enough to move greedy
 #: GSM8K accuracy by about a point, so one run's samples must all come from one read.
+#: The sampling protocol is one too, but not the number of samples: a resumed run may add samples.
 RESUME_KEYS = (
     "model", "data", "limit", "num_fewshot", "chat", "max_new_tokens", "scales", "dtype", "decode_attention",
-    "prefill_chunk",
+    "temperature", "top_p", "seed", "prefill_chunk",
 )  # fmt: skip
 
-#: Values of RESUME_KEYS in config.json files written before the key existed (prefill in one forward).
-RESUME_KEY_DEFAULTS = {"decode_attention": "gather", "prefill_chunk": None}
+#: Values of RESUME_KEYS in config.json files written before the key existed (greedy, prefill in
+#: one forward).
+RESUME_KEY_DEFAULTS = {"decode_attention": "gather", "temperature": 0.0, "top_p": 1.0, "seed": 0, "prefill_chunk": None}
 
 
 def check_run_dir(
@@ -88,20 +90,22 @@ def samples_path(run_dir: Path, kv_dtype: str) -> Path:
 
 
 class SampleLog:
-    """Append-only JSONL of scored samples, one object per line, keyed by ``"index"``."""
+    """Append-only JSONL of scored samples, one object per line, keyed by ``key(record)``
+    (default: the ``"index"``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: Callable[[dict[str, Any]], Hashable] | None = None) -> None:
         self.path = path
+        self.key = key or (lambda record: int(record["index"]))
 
-    def load(self) -> dict[int, dict[str, Any]]:
-        """Records by question index. A last line without its newline or not valid JSON (a write
-        cut short) is removed from the file; any other bad line is an error."""
+    def load(self) -> dict[Any, dict[str, Any]]:
+        """Records by key. A last line without its newline or not valid JSON (a write cut short)
+        is removed from the file; any other bad line is an error."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]
-        records: dict[int, dict[str, Any]] = {}
+        records: dict[Any, dict[str, Any]] = {}
         good_bytes = 0
         for number, line in enumerate(complete, start=1):
             try:
@@ -112,7 +116,7 @@ class SampleLog:
                 raise FP4KVError(
                     f"{self.path}:{number} is not valid JSON; delete that line (or the file) and resume"
                 ) from None
-            records[int(record["index"])] = record
+            records[self.key(record)] = record
             good_bytes += len(line) + 1
         if good_bytes != len(data):
             with self.path.open("r+b") as handle:
@@ -185,8 +189,9 @@ def plot_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
         (width / 2, "flexible", "flexible-extract"),
     ):
         means = [r["accuracy"][key]["mean"] for r in results]
-        lows = [max(0.0, m - r["accuracy"][key]["ci95"][0]) for m, r in zip(means, results)]
-        highs = [max(0.0, r["accuracy"][key]["ci95"][1] - m) for m, r in zip(means, results)]
+        bounds = [r["accuracy"][key]["ci95"] or (m, m) for m, r in zip(means, results)]  # None: one question
+        lows = [max(0.0, m - low) for m, (low, _) in zip(means, bounds)]
+        highs = [max(0.0, high - m) for m, (_, high) in zip(means, bounds)]
         positions = [i + offset for i in range(len(formats))]
         ax.bar(positions, means, width, yerr=[lows, highs], capsize=3, label=label)
     ax.set_xticks(range(len(formats)), formats)

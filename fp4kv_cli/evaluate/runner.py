@@ -1,6 +1,11 @@
 """``fp4kv eval gsm8k`` end to end: check inputs, load the model once, measure fidelity, generate
 and score every question for each KV format (resumable), then write the summary and plot.
 
+Greedy by default (lm-eval's protocol). With ``temperature > 0`` every question gets ``samples``
+seeded sampled generations (:mod:`fp4kv_cli.evaluate.sampling`, the same noise for every
+format), scored as the mean over samples with per-question paired differences vs bf16; a
+resumed run may ask for more samples than it has.
+
 The KV dtype ``recipe`` runs the per-layer K/V formats written in the ``--scales`` file
 (``k_format`` / ``v_format``, from ``fp4kv analyze --write-recipe``)."""
 
@@ -30,7 +35,13 @@ from fp4kv_cli.evaluate.generate import (
     greedy_config,
     neutral_generation_defaults,
 )
-from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
+from fp4kv_cli.evaluate.metrics import (
+    accuracy,
+    paired_difference,
+    sample_plan,
+    sampled_accuracy,
+    sampled_paired_difference,
+)
 from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, row_chunk
 from fp4kv_cli.evaluate.results import (
     RESUME_KEY_DEFAULTS,
@@ -43,6 +54,7 @@ from fp4kv_cli.evaluate.results import (
     try_plot_summary,
     write_summary,
 )
+from fp4kv_cli.evaluate.sampling import RowSampler, SamplingSpec, row_keys
 from fp4kv_cli.evaluate.static_decode import decode_path
 from fp4kv_cli.fused_attention import decode_kernels, decode_read
 from fp4kv_cli.model_config import KVShape, load_config_dict
@@ -96,6 +108,17 @@ class EvalSettings:
     resume: bool = False
     decode_attention: str = "graph"
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def sampling(self) -> SamplingSpec | None:
+        """The sampling protocol, or None for greedy decoding (``temperature`` 0)."""
+        if self.temperature == 0:
+            return None
+        return SamplingSpec(self.temperature, self.top_p, self.seed)
 
 
 def parse_kv_dtypes(text: str) -> tuple[str, ...]:
@@ -181,7 +204,8 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             clock.save()
     stops = _stop_strings(tokenizer)
     config = greedy_config(model, tokenizer, settings.max_new_tokens, stops)
-    records: dict[str, dict[int, dict[str, Any]]] = {}
+    spec = settings.sampling
+    records: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
     batches: dict[str, BatchPlan | int] = {}
     longest = max(map(len, prompt_ids)) + settings.max_new_tokens
     text_config = model.config.get_text_config(decoder=True)
@@ -192,7 +216,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             dtype,
             device,
             longest,
-            len(prompt_ids),
+            len(prompt_ids) * settings.samples,
             settings.prefill_chunk,
         )
         if isinstance(batches[kv], BatchPlan) and batches[kv].free_bytes is not None:
@@ -204,9 +228,9 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             kv,
             plan,
             prompt_ids,
+            settings,
             _batch(batches[kv]),
-            settings.max_new_tokens,
-            lambda ids, hint, kv=kv: _run_batch(
+            lambda ids, hint, rows, kv=kv: _run_batch(
                 model,
                 tokenizer,
                 ids,
@@ -215,6 +239,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
                 stops,
                 settings.decode_attention,
                 settings.prefill_chunk,
+                None if spec is None else _sampler(spec, rows, device),
             ),
             clock.save,
         )
@@ -271,6 +296,7 @@ class RunClock:
 
 def _plan(settings: EvalSettings) -> _Plan:
     _plan_checks(settings)
+    _check_sampling(settings)
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
     config = load_config_dict(settings.model)
     check_causal_lm(config, settings.model)
@@ -316,6 +342,29 @@ def _plan_checks(settings: EvalSettings) -> None:
         )
     if settings.num_fewshot < 0:
         raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
+
+
+def _check_sampling(settings: EvalSettings) -> None:
+    """``--samples`` / ``--temperature`` / ``--top-p`` / ``--seed`` make sense together."""
+    if settings.samples <= 0:
+        raise FP4KVError(f"--samples must be > 0, got {settings.samples}")
+    if settings.temperature < 0:
+        raise FP4KVError(f"--temperature must be >= 0, got {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise FP4KVError(f"--top-p must be in (0, 1], got {settings.top_p}")
+    if settings.seed < 0:
+        raise FP4KVError(f"--seed must be >= 0, got {settings.seed}")
+    if settings.temperature == 0 and (settings.samples > 1 or settings.top_p < 1):
+        raise FP4KVError(
+            "--samples > 1 and --top-p < 1 need --temperature > 0 (temperature 0 is greedy, one answer per "
+            "question); pass e.g. --temperature 0.6"
+        )
+
+
+def _sampler(spec: SamplingSpec, rows: Sequence[tuple[int, int]], device: torch.device) -> RowSampler:
+    """The sampler of a batch generating ``rows`` ``(question, sample)``."""
+    questions, samples = zip(*rows)
+    return RowSampler(spec, row_keys(spec.seed, questions, samples, device))
 
 
 def _config_record(settings: EvalSettings) -> dict[str, Any]:
@@ -442,13 +491,14 @@ def _run_batch(
     stops: Sequence[str],
     decode: str,
     prefill_chunk: int,
+    sampler: RowSampler | None = None,
 ) -> tuple[list[Continuation], dict[str, Any]]:
     cuda = input_device(model).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, decode, prefill_chunk)
+    continuations = generate_batch(model, tokenizer, ids, cache, config, stops, decode, prefill_chunk, sampler)
     seconds = time.perf_counter() - start
     stats = {
         "seconds": seconds,
@@ -467,34 +517,46 @@ def _generate_all(
     kv: str,
     plan: _Plan,
     prompt_ids: Sequence[Sequence[int]],
+    settings: EvalSettings,
     batch_size: int,
-    max_new_tokens: int,
-    run_batch: Callable[[list[list[int]], int], tuple[list[Continuation], dict[str, Any]]],
+    run_batch: Callable[
+        [list[list[int]], int, list[tuple[int, int]]], tuple[list[Continuation], dict[str, Any]]
+    ],
     on_saved: Callable[[], object],
-) -> dict[int, dict[str, Any]]:
-    """Score every question with format ``kv``; batches already in ``samples-<kv>.jsonl`` are
-    skipped; ``on_saved()`` runs after each batch is logged."""
-    log = SampleLog(samples_path(plan.run_dir, kv))
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """Score every ``(question, sample)`` with format ``kv``; those already in
+    ``samples-<kv>.jsonl`` are skipped; ``on_saved()`` runs after each batch is logged. Rows go
+    longest prompt first, a question's samples together."""
+    sampled = settings.sampling is not None
+    log = SampleLog(samples_path(plan.run_dir, kv), key=_record_key)
     done = log.load()
-    order = sorted(range(len(plan.questions)), key=lambda i: -len(prompt_ids[i]))
-    todo = [i for i in order if i not in done]
+    rows = [(i, k) for i in range(len(plan.questions)) for k in range(settings.samples)]
+    order = sorted(rows, key=lambda row: (-len(prompt_ids[row[0]]), row))
+    todo = [row for row in order if row not in done]
     with count_progress(console, remaining=True) as progress:
         task = progress.add_task(
-            f"gsm8k {kv}", total=len(plan.questions), completed=len(plan.questions) - len(todo)
+            f"gsm8k {kv}" + (f" x{settings.samples} sampled" if sampled else ""),
+            total=len(rows),
+            completed=len(rows) - len(todo),
         )
         for first in range(0, len(todo), batch_size):
             batch = todo[first : first + batch_size]
-            ids = [list(prompt_ids[i]) for i in batch]
-            continuations, stats = run_batch(ids, max(map(len, ids)) + max_new_tokens)
+            ids = [list(prompt_ids[i]) for i, _ in batch]
+            continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens, batch)
             fresh = [
-                _record(i, plan.questions[i], len(prompt_ids[i]), c, stats, len(batch))
-                for i, c in zip(batch, continuations)
+                _record(i, plan.questions[i], len(prompt_ids[i]), c, stats, len(batch), k if sampled else None)
+                for (i, k), c in zip(batch, continuations)
             ]
             log.append(fresh)
             on_saved()
-            done.update((r["index"], r) for r in fresh)
+            done.update((_record_key(r), r) for r in fresh)
             progress.advance(task, len(batch))
     return done
+
+
+def _record_key(record: dict[str, Any]) -> tuple[int, int]:
+    """``(question index, sample number)`` of a sample record (greedy records: sample 0)."""
+    return int(record["index"]), int(record.get("sample", 0))
 
 
 def _record(
@@ -504,10 +566,12 @@ def _record(
     c: Continuation,
     stats: dict[str, Any],
     batch: int,
+    sample: int | None = None,
 ) -> dict[str, Any]:
     strict, flexible = gsm8k.extract_strict(c.text), gsm8k.extract_flexible(c.text)
     return {
         "index": index,
+        **({} if sample is None else {"sample": sample}),
         "question": question["question"],
         "answer": question["answer"],
         "gold": gsm8k.gold_answer(question["answer"]),
@@ -534,7 +598,7 @@ def _summary(
     plan: _Plan,
     device: torch.device,
     dtype: torch.dtype,
-    records: dict[str, dict[int, dict[str, Any]]],
+    records: dict[str, dict[tuple[int, int], dict[str, Any]]],
     fidelity: dict[str, Fidelity],
     example_prompt: str,
     batches: Mapping[str, BatchPlan | int],
@@ -545,29 +609,32 @@ def _summary(
     bf16_cell = BF16KVMethod(torch.bfloat16).compute_cell_size(
         shape.num_kv_heads, shape.head_dim, shape.num_layers
     )
-    indices = range(len(plan.questions))
-    reference = records.get(REFERENCE)
+    sampled = settings.sampling is not None
+    count = len(plan.questions)
+    keys = [(i, k) for i in range(count) for k in range(settings.samples)]
+    flags = {
+        kv: {key: _flags(records[kv], key, count, settings) for key in ("strict", "flexible")} for kv in records
+    }
     results = {}
     for kv in settings.kv_dtypes:
-        rows = [records[kv][i] for i in indices]
-        flags = {key: [r[f"{key}_correct"] for r in rows] for key in ("strict", "flexible")}
+        rows = [records[kv][key] for key in keys]
         seconds = sum(r["seconds"] for r in rows)
         new_tokens = sum(r["new_tokens"] for r in rows)
-        paired = None
-        if reference is not None and kv != REFERENCE:
-            paired = {
-                key: paired_difference(
-                    flags[key], [reference[i][f"{key}_correct"] for i in indices]
-                ).to_dict()
-                for key in flags
-            }
+        paired = plan_more = None
+        if REFERENCE in records and kv != REFERENCE:
+            compare = sampled_paired_difference if sampled else paired_difference
+            paired = {key: compare(flags[kv][key], flags[REFERENCE][key]).to_dict() for key in flags[kv]}
+            found = sample_plan(flags[kv]["strict"], flags[REFERENCE]["strict"]) if sampled else None
+            plan_more = None if found is None else found.to_dict()
+        score = sampled_accuracy if sampled else accuracy
         peaks = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
         results[kv] = {
             "scale_source": _scale_source(kv, plan.scales_file),
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
             "qk_rotation": _rotation_block(kv, plan.scales_file),
-            "accuracy": {key: accuracy(values).to_dict() for key, values in flags.items()},
+            "accuracy": {key: score(values).to_dict() for key, values in flags[kv].items()},
             "vs_bf16": paired,
+            "vs_bf16_samples_plan": plan_more,
             "new_tokens": new_tokens,
             "generation_seconds": seconds,
             "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
@@ -594,6 +661,7 @@ def _summary(
         "fewshot_seed": gsm8k.FEWSHOT_SEED,
         "stop_sequences": list(gsm8k.STOP_SEQUENCES),
         "max_new_tokens": settings.max_new_tokens,
+        "decoding": _decoding(settings),
         "batch_size": "auto" if settings.batch_size is None else settings.batch_size,
         "prefill_chunk": settings.prefill_chunk,
         "device": str(device),
@@ -610,6 +678,29 @@ def _summary(
         },
         "results": results,
     }
+
+
+def _decoding(settings: EvalSettings) -> dict[str, Any]:
+    """The summary's record of greedy or sampled decoding."""
+    if settings.sampling is None:
+        return {"mode": "greedy"}
+    return {
+        "mode": "sampled",
+        "samples": settings.samples,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
+    }
+
+
+def _flags(
+    records: Mapping[tuple[int, int], dict[str, Any]], key: str, questions: int, settings: EvalSettings
+) -> list[Any]:
+    """Per question, its ``key`` (strict / flexible) correctness: one flag (greedy) or the list of
+    its first ``settings.samples`` samples' flags (sampled)."""
+    if settings.sampling is None:
+        return [records[i, 0][f"{key}_correct"] for i in range(questions)]
+    return [[records[i, k][f"{key}_correct"] for k in range(settings.samples)] for i in range(questions)]
 
 
 def _rotation_block(kv: str, scales_file: ScalesFile | None) -> int | None:

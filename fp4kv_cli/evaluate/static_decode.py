@@ -1,4 +1,5 @@
-"""Greedy decoding with static shapes, so each decode step can be one CUDA graph replay.
+"""Greedy (or seeded sampled) decoding with static shapes, so each decode step can be one CUDA
+graph replay.
 
 ``model.generate`` runs a decode step as hundreds of small kernels, each launched from Python;
 at batch 128 on a small model the GPU then waits on the host. Here every decode step has the
@@ -83,6 +84,7 @@ def greedy_static(
     max_new_tokens: int,
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
     graph: bool | None = None,
+    choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> torch.Tensor:
     """Greedy continuations ``[batch, n]`` (``n <= max_new_tokens``) of left-padded ``input_ids``.
@@ -97,6 +99,11 @@ def greedy_static(
         loop ends when all have. None runs the whole budget.
     graph:
         Capture the step in a CUDA graph (default: on CUDA).
+    choose:
+        ``(logits [batch, vocab], step) -> tokens [batch]`` picks each next token, ``step`` (a
+        ``[1]`` int64 device tensor) counting the tokens generated before it; device ops only,
+        as it runs inside the graph (e.g. :class:`~fp4kv_cli.evaluate.sampling.RowSampler`).
+        None: the argmax (greedy).
     prefill_chunk:
         Prompt tokens per prefill forward over the batch (:func:`~fp4kv_cli.evaluate.prefill.chunked_prefill`).
 
@@ -105,12 +112,13 @@ def greedy_static(
     device = input_ids.device
     batch, prompt = input_ids.shape
     graph = device.type == "cuda" if graph is None else graph
+    choose = choose or _argmax
     argument = {cache_argument(model): cache}
     with torch.inference_mode(), fused_decode(model, cache) as on:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk)
         tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-        tokens[:, 0] = logits.argmax(-1)
+        tokens[:, 0] = choose(logits, torch.zeros(1, dtype=torch.long, device=device))
         capacities = {layer.capacity for layer in cache.layers}
         if len(capacities) != 1:
             raise ValueError(f"static decoding needs one capacity for every layer, got {sorted(capacities)}")
@@ -139,7 +147,7 @@ def greedy_static(
             state.mask.index_fill_(3, state.cache_position, True)  # the new token attends to itself
             out = model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.positions,
                         logits_to_keep=1, **argument).logits  # fmt: skip
-            state.advance(out[:, -1].argmax(-1))
+            state.advance(choose(out[:, -1], state.column))
 
         cache.begin_static_decode(state.slots)
         done = 1
@@ -153,6 +161,10 @@ def greedy_static(
         finally:
             cache.end_static_decode(prompt + done - 1, replayed=graph and done > 2)
     return tokens[:, :done]
+
+
+def _argmax(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
 
 
 @dataclass

@@ -167,7 +167,8 @@ def _generate_all(
     stops: Sequence[str],
     settings: EvalSettings,
 ) -> dict[int, dict[str, Any]]:
-    """Greedy continuations, ``--batch-size`` prompts per engine call (default all; resumable per call)."""
+    """Greedy continuations, ``--batch-size`` prompts per engine call (resumable per call); without
+    it every remaining prompt goes to one call and vLLM's scheduler batches them."""
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -178,7 +179,7 @@ def _generate_all(
     todo = [i for i in range(len(questions)) if i not in done]
     with count_progress(console, remaining=True) as progress:
         task = progress.add_task(f"gsm8k {key}", total=len(questions), completed=len(questions) - len(todo))
-        per_call = settings.batch_size or max(len(todo), 1)  # default: every prompt, vLLM schedules them
+        per_call = settings.batch_size or max(len(todo), 1)
         for first in range(0, len(todo), per_call):
             batch = todo[first : first + per_call]
             start = time.perf_counter()
@@ -219,7 +220,7 @@ def _stats(seconds: float) -> dict[str, Any]:
         "kv_stored_bytes": None,
         "kv_capacity_bytes": None,
         "peak_gpu_bytes": None,
-        "prefill_row_chunk": None,  # vLLM chunks its own prefill
+        "prefill_row_chunk": None,  # vLLM chunks prefill by its own scheduler
     }
 
 
@@ -305,7 +306,7 @@ def _summary(
         "fewshot_seed": gsm8k.FEWSHOT_SEED,
         "stop_sequences": list(gsm8k.STOP_SEQUENCES),
         "max_new_tokens": settings.max_new_tokens,
-        "batch_size": settings.batch_size,
+        "batch_size": "auto" if settings.batch_size is None else settings.batch_size,
         "device": info["platform"],
         "dtype": settings.dtype,
         "backend": f"vllm {info['vllm_version']}",
