@@ -31,7 +31,13 @@ from fp4kv_cli.evaluate.generate import generate_batch, greedy_config, neutral_g
 from fp4kv_cli.evaluate.longctx_tasks import DEFAULT_LENGTHS, TASKS, TaskSample, make_samples, score
 from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
 from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, row_chunk
-from fp4kv_cli.evaluate.results import SampleLog, prepare_run_dir, samples_path, write_summary
+from fp4kv_cli.evaluate.results import (
+    SampleLog,
+    prepare_run_dir,
+    resolve_local_paths,
+    samples_path,
+    write_summary,
+)
 from fp4kv_cli.evaluate.runner import (
     DECODE_ATTENTION,
     RECIPE,
@@ -215,10 +221,7 @@ def _config_record(settings: LongCtxSettings) -> dict[str, Any]:
     record = asdict(settings)
     for key in ("kv_dtypes", "lengths", "tasks"):
         record[key] = list(record[key])
-    for key in ("model", "scales"):
-        if record[key] is not None and Path(record[key]).expanduser().exists():
-            record[key] = str(Path(record[key]).expanduser().resolve())
-    return record
+    return resolve_local_paths(record, ("model", "scales"))
 
 
 def _run(

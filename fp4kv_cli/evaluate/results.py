@@ -69,6 +69,15 @@ def check_run_dir(
     return run_dir
 
 
+def resolve_local_paths(record: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``record`` with each of ``keys`` that names an existing local path made absolute (hub ids
+    and None stay as they are), so a resumed run compares the same files however they were named."""
+    for key in keys:
+        if record[key] is not None and Path(record[key]).expanduser().exists():
+            record[key] = str(Path(record[key]).expanduser().resolve())
+    return record
+
+
 def prepare_run_dir(
     out: str | os.PathLike[str], run_name: str, config: Mapping[str, Any], resume: bool
 ) -> Path:

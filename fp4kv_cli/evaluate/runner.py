@@ -49,6 +49,7 @@ from fp4kv_cli.evaluate.results import (
     check_run_dir,
     load_fidelity,
     prepare_run_dir,
+    resolve_local_paths,
     samples_path,
     save_fidelity,
     try_plot_summary,
@@ -371,10 +372,7 @@ def _config_record(settings: EvalSettings) -> dict[str, Any]:
     record = asdict(settings)
     record["kv_dtypes"] = list(settings.kv_dtypes)
     record["num_fewshot"] = 0 if settings.chat else settings.num_fewshot
-    for key in ("model", "data", "scales"):
-        if record[key] is not None and Path(record[key]).expanduser().exists():
-            record[key] = str(Path(record[key]).expanduser().resolve())
-    return record
+    return resolve_local_paths(record, ("model", "data", "scales"))
 
 
 def load_scales_for(config: Mapping[str, Any], scales_path: str) -> tuple[ScalesFile, torch.Tensor | None]:
@@ -593,6 +591,23 @@ def _record(
     }
 
 
+def summary_header(settings: EvalSettings, run_dir: Path, num_questions: int) -> dict[str, Any]:
+    """The part of ``summary.json`` every GSM8K run shares, fp4kv's cache or an engine's: task,
+    model, prompt, few-shot draw, stops, generation budget and batch size."""
+    return {
+        "task": "gsm8k",
+        "model": settings.model,
+        "run_dir": str(run_dir),
+        "num_questions": num_questions,
+        "prompt": "chat zero-shot CoT" if settings.chat else f"lm-eval gsm8k {settings.num_fewshot}-shot",
+        "num_fewshot": 0 if settings.chat else settings.num_fewshot,
+        "fewshot_seed": gsm8k.FEWSHOT_SEED,
+        "stop_sequences": list(gsm8k.STOP_SEQUENCES),
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": "auto" if settings.batch_size is None else settings.batch_size,
+    }
+
+
 def _summary(
     settings: EvalSettings,
     plan: _Plan,
@@ -652,17 +667,8 @@ def _summary(
             k_formats, v_formats = plan.scales_file.recipe()
             results[kv]["recipe"] = {"k": k_formats, "v": v_formats}
     return {
-        "task": "gsm8k",
-        "model": settings.model,
-        "run_dir": str(plan.run_dir),
-        "num_questions": len(plan.questions),
-        "prompt": "chat zero-shot CoT" if settings.chat else f"lm-eval gsm8k {settings.num_fewshot}-shot",
-        "num_fewshot": 0 if settings.chat else settings.num_fewshot,
-        "fewshot_seed": gsm8k.FEWSHOT_SEED,
-        "stop_sequences": list(gsm8k.STOP_SEQUENCES),
-        "max_new_tokens": settings.max_new_tokens,
+        **summary_header(settings, plan.run_dir, len(plan.questions)),
         "decoding": _decoding(settings),
-        "batch_size": "auto" if settings.batch_size is None else settings.batch_size,
         "prefill_chunk": settings.prefill_chunk,
         "device": str(device),
         "dtype": DTYPE_NAMES[dtype],

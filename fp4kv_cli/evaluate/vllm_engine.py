@@ -35,6 +35,7 @@ from fp4kv_cli.evaluate.runner import (
     _record,
     _stop_strings,
     default_run_name,
+    summary_header,
 )
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.progress import count_progress
@@ -296,17 +297,8 @@ def _summary(
     import transformers
 
     return {
-        "task": "gsm8k",
-        "model": settings.model,
-        "run_dir": str(run_dir),
+        **summary_header(settings, run_dir, len(questions)),
         "engine": "vllm",
-        "num_questions": len(questions),
-        "prompt": "chat zero-shot CoT" if settings.chat else f"lm-eval gsm8k {settings.num_fewshot}-shot",
-        "num_fewshot": 0 if settings.chat else settings.num_fewshot,
-        "fewshot_seed": gsm8k.FEWSHOT_SEED,
-        "stop_sequences": list(gsm8k.STOP_SEQUENCES),
-        "max_new_tokens": settings.max_new_tokens,
-        "batch_size": "auto" if settings.batch_size is None else settings.batch_size,
         "device": info["platform"],
         "dtype": settings.dtype,
         "backend": f"vllm {info['vllm_version']}",
