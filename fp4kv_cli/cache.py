@@ -591,8 +591,12 @@ class QuantKVCache(Cache):
         and leave reading to the attention kernel over the whole
         capacity, with no host-side state change per step: what a CUDA graph of the step needs
         (:mod:`fp4kv_cli.evaluate.static_decode`). The buffers must already hold the prompt and
-        have room for every position the caller will write."""
+        have room for every position the caller will write. The read buffers (dequantized copies
+        the chunked prefill read from) are dropped: the kernel reads the stored bytes, and a later
+        gather read rebuilds them."""
         self.shared.static_slots = slots
+        for layer in self.layers:
+            layer.read_buffer = None
 
     def end_static_decode(self, length: int, replayed: bool) -> None:
         """Back to ordinary steps, with ``length`` tokens per row now stored; ``replayed``: the
@@ -601,8 +605,6 @@ class QuantKVCache(Cache):
         self.static_decode = "graph" if replayed else "static"
         for layer in self.layers:
             layer.length = length
-            if layer.read_buffer is not None:
-                layer.read_buffer.invalidate_from(length)
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         """The prefill's attention mask ``[batch, tokens]`` (1 = real token) for dynamic scales."""

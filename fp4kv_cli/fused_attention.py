@@ -97,12 +97,6 @@ def every_layer_refusal(model: Any, cache: Any, device: torch.device | None = No
     return None
 
 
-def fuses_every_layer(model: Any, cache: Any) -> bool:
-    """Whether :func:`fused_decode_supported` holds and the kernel will read every layer of
-    ``cache`` (:func:`every_layer_refusal` finds no reason not to)."""
-    return every_layer_refusal(model, cache) is None
-
-
 def fusable(layer: QuantKVLayer) -> bool:
     """Whether the kernel can read this layer's K and V buffers (formats, dtypes, head_dim, device)."""
     formats = ((layer.k_method, layer.buffers.k.dtype), (layer.v_method, layer.buffers.v.dtype))
@@ -236,6 +230,5 @@ __all__ = [
     "fused_decode",
     "fused_decode_refusal",
     "fused_decode_supported",
-    "fuses_every_layer",
     "layer_attention",
 ]

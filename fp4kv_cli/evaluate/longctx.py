@@ -53,6 +53,7 @@ from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.progress import count_progress
 from fp4kv_cli.quant.registry import get_kv_cache_method
+from fp4kv_cli.validate import check_causal_lm
 
 #: Prefill forwards a prompt takes at most, by the batch cap (see the module docstring).
 CHUNKS_PER_PROMPT = 8
@@ -187,6 +188,7 @@ def _check(settings: LongCtxSettings) -> tuple[dict[str, Any], list[int], list[i
     check_prefill_chunk(settings.prefill_chunk)
     kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
     config = load_config_dict(settings.model)
+    check_causal_lm(config, settings.model)
     text = config.get("text_config") or config
     maximum = int(text.get("max_position_embeddings") or max(settings.lengths))
     lengths = [n for n in settings.lengths if n <= maximum]

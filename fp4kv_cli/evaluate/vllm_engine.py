@@ -39,6 +39,7 @@ from fp4kv_cli.evaluate.runner import (
 )
 from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.progress import count_progress
+from fp4kv_cli.quant.methods import BF16KVMethod
 
 #: ``--vllm-kv-dtype`` values (vLLM's ``kv_cache_dtype``): the model dtype (or what the
 #: checkpoint's KV scheme asks for), bfloat16 explicitly, or FP8 E4M3.
@@ -269,7 +270,7 @@ def _summary(
     flags = {k: [r[f"{k}_correct"] for r in rows] for k in ("strict", "flexible")}
     seconds = sum(r["seconds"] for r in rows)
     new_tokens = sum(r["new_tokens"] for r in rows)
-    bf16_cell = 2 * 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
+    bf16_cell = BF16KVMethod(torch.bfloat16).compute_cell_size(shape.num_kv_heads, shape.head_dim, shape.num_layers)
     cell = bf16_cell // 2 * _BYTES.get(info["kv_cache_dtype"], 2)
     paired = {}
     for run in others:

@@ -7,10 +7,10 @@ models that forbid unknown keys, so a typo is an error naming the key, not a sil
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fp4kv_cli.errors import FP4KVError

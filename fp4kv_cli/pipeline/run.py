@@ -9,7 +9,6 @@ questions are kept). The report (``report.json``, ``report.png``, a table) is re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from rich.console import Console
 
 from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.errors import FP4KVError
+from fp4kv_cli.fetch import sha256_of
 from fp4kv_cli.pipeline.preset import Preset
 
 #: ``OUT/`` names of the outputs.
@@ -187,7 +187,7 @@ def _export(
         )  # fmt: skip
         return result.report
 
-    key = {"model": model, "scales": _sha256(scales), "settings": spec.model_dump()}
+    key = {"model": model, "scales": sha256_of(scales), "settings": spec.model_dump()}
     report = state.step("export", key, folder, export, console)
     return folder, report
 
@@ -212,7 +212,7 @@ def _eval(preset: Preset, model: str, scales: Path | None, out: Path, state: _St
         decode_attention=spec.decode_attention,
     )  # fmt: skip
     summary_path = out / EVAL_RUN / "summary.json"
-    key = {"model": model, "scales": None if scales is None else _sha256(scales), "settings": spec.model_dump()}
+    key = {"model": model, "scales": None if scales is None else sha256_of(scales), "settings": spec.model_dump()}
     def evaluate() -> None:
         try:
             run_gsm8k(settings, console)
@@ -233,5 +233,3 @@ def _resolve(path: str, base: Path) -> Path:
     return (p if p.is_absolute() else base / p).resolve()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
