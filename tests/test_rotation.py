@@ -146,6 +146,30 @@ def test_fused_read_rotates_the_query(
         torch.testing.assert_close(got[:, 0], want[:, :, 0], rtol=0, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv", ["nvfp4", "nvfp4_4over6", "blockfp4"])
+def test_fused_read_rotates_the_query_cuda(kv: str) -> None:
+    """The compiled kernel on the GPU: layer_attention over a rotated, centered layer equals
+    attention of the unrotated query over the gather read, for blocks of 16 and the full head."""
+    gen = torch.Generator().manual_seed(5)
+    b, h, t, d = 3, 2, 37, 64
+    k, v = torch.randn(b, h, t, d, generator=gen) * 2, torch.randn(b, h, t, d, generator=gen)
+    q = torch.randn(b, 2 * h, 1, d, generator=gen)
+    offset = torch.randn(h, d, generator=gen) * 0.5
+    k, v, q = (x.cuda().bfloat16() for x in (k + offset[None, :, None], v, q))
+    method = get_kv_cache_method(kv)
+    for block in (16, d):
+        storage = KVStorage((LayerStorage(method, method, torch.tensor(0.004).cuda(),
+                                          torch.tensor(0.002).cuda(), offset.cuda(), QKRotation(block)),))  # fmt: skip
+        cache = QuantKVCache.from_storage(_config(1, h, d), storage)
+        cache.update(k, v, 0)
+        read_k, read_v = cache.layers[0]._read(t)
+        got = fused_attention.layer_attention(cache.layers[0], q, None, d**-0.5).float()
+        keys, values = read_k.float().repeat_interleave(2, 1), read_v.float().repeat_interleave(2, 1)
+        want = torch.softmax((q.float() @ keys.transpose(-1, -2)) * d**-0.5, -1) @ values
+        torch.testing.assert_close(got[:, 0], want[:, :, 0], rtol=0, atol=3e-2)
+
+
 def test_calibrate_records_the_amax_of_stored_k(tiny_qwen2_dir: Path) -> None:
     """--center-k with --qk-rotation 16: k_amax is the amax of (K - mean) @ H, k_amax_raw of K @ H,
     per-head amax likewise; k_offset stays the unrotated mean; k_rotation is recorded."""
