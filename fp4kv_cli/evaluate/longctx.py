@@ -27,10 +27,10 @@ from rich.console import Console
 from fp4kv_cli import __version__
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate.batching import auto_batch_size, kv_bytes_per_token
-from fp4kv_cli.evaluate.generate import generate_batch, greedy_config, neutral_generation_defaults
+from fp4kv_cli.evaluate.generate import greedy_config, neutral_generation_defaults
 from fp4kv_cli.evaluate.longctx_tasks import DEFAULT_LENGTHS, TASKS, TaskSample, make_samples, score
 from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
-from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, row_chunk
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK
 from fp4kv_cli.evaluate.results import (
     SampleLog,
     prepare_run_dir,
@@ -39,21 +39,16 @@ from fp4kv_cli.evaluate.results import (
     write_summary,
 )
 from fp4kv_cli.evaluate.runner import (
-    DECODE_ATTENTION,
-    RECIPE,
     REFERENCE,
-    _recipe_formats,
-    _scale_source,
+    ModelKV,
     cache_factory,
-    load_scales_for,
-    parse_kv_dtypes,
+    check_generation_options,
+    check_model_kv,
+    run_batch,
+    scale_source,
 )
-from fp4kv_cli.fused_attention import decode_read
-from fp4kv_cli.model_config import KVShape, load_config_dict
 from fp4kv_cli.models import DTYPE_NAMES, load_model_and_tokenizer, parse_dtype, resolve_device
 from fp4kv_cli.progress import count_progress
-from fp4kv_cli.quant.registry import get_kv_cache_method
-from fp4kv_cli.validate import check_causal_lm
 
 #: Prefill forwards a prompt takes at most, by the batch cap (see the module docstring).
 CHUNKS_PER_PROMPT = 8
@@ -100,7 +95,8 @@ def parse_lengths(text: str) -> tuple[int, ...]:
 def run_longctx(settings: LongCtxSettings, console: Console) -> dict[str, Any]:
     """Run the evaluation and return the summary (also written to ``OUT/<run>/summary.json``)."""
     started = time.perf_counter()
-    config, lengths, skipped, scales_file, k_offsets = _check(settings)
+    checked = _check(settings)
+    lengths, model_kv = checked.lengths, checked.model_kv
     device = resolve_device(settings.device)
     dtype = parse_dtype(settings.dtype, device)
     with console.status(f"loading {settings.model} ({DTYPE_NAMES[dtype]}, {device})"):
@@ -136,9 +132,15 @@ def run_longctx(settings: LongCtxSettings, console: Console) -> dict[str, Any]:
     )
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
     gen_config = greedy_config(model, tokenizer, settings.max_new_tokens, stops)
-    make_cache = cache_factory(model.config, settings.kv_dtypes, scales_file, k_offsets, dtype, device)
+    make_cache = cache_factory(
+        model.config, settings.kv_dtypes, model_kv.scales_file, model_kv.k_offsets, dtype, device
+    )
     text_config = model.config.get_text_config(decoder=True)
-    shape = KVShape.from_config(config)
+    shape = model_kv.shape
+    per_token = {
+        kv: kv_bytes_per_token(make_cache(kv, 1), shape.num_kv_heads, shape.head_dim)
+        for kv in settings.kv_dtypes
+    }
     records: dict[str, dict[int, list[dict[str, Any]]]] = {}
     total = sum(map(len, samples.values())) * len(settings.kv_dtypes)
     with count_progress(console, remaining=True) as progress:
@@ -164,33 +166,36 @@ def run_longctx(settings: LongCtxSettings, console: Console) -> dict[str, Any]:
                     rows += fresh
                     progress.advance(task, len(part))
                 records[kv][length] = rows
-    summary = _summary(settings, run_dir, device, dtype, chat, lengths, skipped, records, shape, scales_file,
-                       k_offsets, make_cache, text_config)  # fmt: skip
+    summary = _summary(settings, run_dir, device, dtype, chat, checked, records, per_token)
     summary["wall_seconds"] = time.perf_counter() - started
     write_summary(run_dir, summary)
     plot_longctx(run_dir, summary)
     return summary
 
 
-def _check(settings: LongCtxSettings) -> tuple[dict[str, Any], list[int], list[int], Any, Any]:
-    """Validate the settings before anything is written; returns the config dict, the lengths
-    to run and those above the model's maximum, the scales file and K offsets."""
+@dataclass(frozen=True)
+class _Checked:
+    """What :func:`_check` resolved before the model is loaded."""
+
+    model_kv: ModelKV
+    #: The lengths to run and those above the model's maximum (skipped).
+    lengths: list[int]
+    skipped: list[int]
+    #: The config's ``max_position_embeddings`` (None: it has none, and no length is skipped).
+    max_positions: int | None
+
+
+def _check(settings: LongCtxSettings) -> _Checked:
+    """Validate the settings before anything is written (one-line :class:`FP4KVError`)."""
     if settings.limit <= 0:
         raise FP4KVError(f"--limit must be > 0 samples per task and length, got {settings.limit}")
-    if settings.batch_size is not None and settings.batch_size <= 0:
-        raise FP4KVError(f"--batch-size must be > 0, got {settings.batch_size}")
-    if settings.max_new_tokens <= 0:
-        raise FP4KVError(f"--max-new-tokens must be > 0, got {settings.max_new_tokens}")
-    if settings.decode_attention not in DECODE_ATTENTION:
-        raise FP4KVError(
-            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
-        )
-    check_prefill_chunk(settings.prefill_chunk)
-    kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
-    config = load_config_dict(settings.model)
-    check_causal_lm(config, settings.model)
-    text = config.get("text_config") or config
-    maximum = int(text.get("max_position_embeddings") or max(settings.lengths))
+    check_generation_options(
+        settings.batch_size, settings.max_new_tokens, settings.prefill_chunk, settings.decode_attention
+    )
+    model_kv = check_model_kv(settings.model, settings.kv_dtypes, settings.scales)
+    text = model_kv.config.get("text_config") or model_kv.config
+    max_positions = int(text["max_position_embeddings"]) if text.get("max_position_embeddings") else None
+    maximum = max_positions or max(settings.lengths)
     lengths = [n for n in settings.lengths if n <= maximum]
     skipped = [n for n in settings.lengths if n > maximum]
     if not lengths:
@@ -201,17 +206,7 @@ def _check(settings: LongCtxSettings) -> tuple[dict[str, Any], list[int], list[i
         raise FP4KVError(
             f"--lengths must exceed --max-new-tokens ({settings.max_new_tokens}); pass longer ones"
         )
-    scales_file = k_offsets = None
-    if settings.scales is not None:
-        scales_file, k_offsets = load_scales_for(config, settings.scales)
-    formats = [kv for kv in kv_dtypes if kv != RECIPE]
-    if RECIPE in kv_dtypes:
-        k_formats, v_formats = _recipe_formats(scales_file)
-        formats += k_formats + v_formats
-    head_dim = KVShape.from_config(config).head_dim
-    for kv in dict.fromkeys(formats):
-        get_kv_cache_method(kv).check_head_dim(head_dim)
-    return config, lengths, skipped, scales_file, k_offsets
+    return _Checked(model_kv, lengths, skipped, max_positions)
 
 
 def _stem(model: str) -> str:
@@ -239,25 +234,17 @@ def _run(
     batch: int,
 ) -> list[dict[str, Any]]:
     """Generate one batch and score it; one record per sample."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    outputs = generate_batch(model, tokenizer, ids, cache, gen_config, stops, settings.decode_attention,
-                             settings.prefill_chunk)  # fmt: skip
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else None
+    outputs, stats = run_batch(model, tokenizer, ids, cache, gen_config, stops, settings.decode_attention,
+                               settings.prefill_chunk)  # fmt: skip
     records = []
     for sample, prompt_ids, out in zip(samples, ids, outputs):
         value = score(out.text, sample.references)
         records.append({
             **sample.to_dict(), "length": sample.length + settings.max_new_tokens, "kv": kv,
             "prompt_tokens": len(prompt_ids), "output": out.text, "score": value, "correct": value == 1.0,
-            "new_tokens": out.new_tokens, "seconds": seconds / len(ids), "batch_size": batch,
-            "prefill_row_chunk": row_chunk(settings.prefill_chunk, len(ids)),
-            "decode_attention": decode_read(cache), "kv_bytes_per_token": cache.bytes_per_token(),
-            "peak_gpu_bytes": peak,
+            "new_tokens": out.new_tokens, "seconds": stats["seconds"] / len(ids), "batch_size": batch,
+            "prefill_row_chunk": stats["prefill_row_chunk"], "decode_attention": stats["decode_attention"],
+            "kv_bytes_per_token": stats["kv_bytes_per_token"], "peak_gpu_bytes": stats["peak_gpu_bytes"],
         })  # fmt: skip
     return records
 
@@ -268,21 +255,16 @@ def _summary(
     device: torch.device,
     dtype: torch.dtype,
     chat: bool,
-    lengths: Sequence[int],
-    skipped: Sequence[int],
+    checked: _Checked,
     records: Mapping[str, Mapping[int, list[dict[str, Any]]]],
-    shape: KVShape,
-    scales_file: Any,
-    k_offsets: Any,
-    make_cache: Any,
-    text_config: Any,
+    per_token: Mapping[str, int],
 ) -> dict[str, Any]:
     import transformers
 
+    lengths, model_kv = checked.lengths, checked.model_kv
     reference = records.get(REFERENCE)
     results: dict[str, Any] = {}
     for kv, by_length in records.items():
-        per_token = kv_bytes_per_token(make_cache(kv, 1), shape.num_kv_heads, shape.head_dim)
         per_length = {}
         for length in lengths:
             rows = by_length[length]
@@ -300,7 +282,7 @@ def _summary(
                     for task in settings.tasks
                 },
                 "mean_prompt_tokens": sum(r["prompt_tokens"] for r in rows) / len(rows),
-                "kv_bytes_per_sequence": per_token * length,
+                "kv_bytes_per_sequence": per_token[kv] * length,
                 "generation_seconds": sum(r["seconds"] for r in rows),
                 "batch_size": rows[0]["batch_size"],
                 "prefill_row_chunk": rows[0]["prefill_row_chunk"],
@@ -313,9 +295,9 @@ def _summary(
             ref_flags = [r["correct"] for length in lengths for r in reference[length]]
             pooled = paired_difference([r["correct"] for r in every], ref_flags).to_dict()
         results[kv] = {
-            "scale_source": _scale_source(kv, scales_file),
-            "k_centering": k_offsets is not None and kv != REFERENCE,
-            "kv_bytes_per_token": per_token,
+            "scale_source": scale_source(kv, model_kv.scales_file),
+            "k_centering": model_kv.k_offsets is not None and kv != REFERENCE,
+            "kv_bytes_per_token": per_token[kv],
             "accuracy": accuracy([r["correct"] for r in every]).to_dict(),
             "vs_bf16": pooled,
             "lengths": per_length,
@@ -326,8 +308,8 @@ def _summary(
         "run_dir": str(run_dir),
         "tasks": list(settings.tasks),
         "lengths": list(lengths),
-        "skipped_lengths": list(skipped),
-        "max_position_embeddings": getattr(text_config, "max_position_embeddings", None),
+        "skipped_lengths": list(checked.skipped),
+        "max_position_embeddings": checked.max_positions,
         "samples_per_task_and_length": settings.limit,
         "seed": settings.seed,
         "chat_template": chat,
@@ -336,7 +318,7 @@ def _summary(
         "device": str(device),
         "dtype": DTYPE_NAMES[dtype],
         "scales": settings.scales,
-        "kv_shape": asdict(shape),
+        "kv_shape": asdict(model_kv.shape),
         "versions": {
             "fp4kv": __version__,
             "torch": torch.__version__,

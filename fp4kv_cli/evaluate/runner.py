@@ -172,11 +172,11 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
         raise FP4KVError(f"{settings.model} has no chat template; drop --chat to use the few-shot prompt")
     # Only now, with every input checked and the model loaded, does the run folder appear.
     plan.run_dir = prepare_run_dir(
-        settings.out, plan.run_dir.name, _config_record(settings), settings.resume
+        settings.out, plan.run_dir.name, config_record(settings), settings.resume
     )
     neutral_generation_defaults(model)
-    prompts = _prompts(settings, plan, tokenizer)
-    prompt_ids = _encode(tokenizer, prompts, settings.chat)
+    prompts = gsm8k_prompts(settings, plan.questions, plan.train, tokenizer)
+    prompt_ids = encode_prompts(tokenizer, prompts, settings.chat)
     make_cache = cache_factory(
         model.config, settings.kv_dtypes, plan.scales_file, plan.k_offsets, dtype, device
     )
@@ -203,7 +203,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
                 )
             save_fidelity(plan.run_dir, count, fidelity)
             clock.save()
-    stops = _stop_strings(tokenizer)
+    stops = stop_strings(tokenizer)
     config = greedy_config(model, tokenizer, settings.max_new_tokens, stops)
     spec = settings.sampling
     records: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
@@ -231,7 +231,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             prompt_ids,
             settings,
             _batch(batches[kv]),
-            lambda ids, hint, rows, kv=kv: _run_batch(
+            lambda ids, hint, rows, kv=kv: run_batch(
                 model,
                 tokenizer,
                 ids,
@@ -296,22 +296,9 @@ class RunClock:
 
 
 def _plan(settings: EvalSettings) -> _Plan:
-    _plan_checks(settings)
+    check_eval_options(settings)
     _check_sampling(settings)
-    kv_dtypes = parse_kv_dtypes(",".join(settings.kv_dtypes))
-    config = load_config_dict(settings.model)
-    check_causal_lm(config, settings.model)
-    shape = KVShape.from_config(config)
-    scales_file = k_offsets = None
-    if settings.scales is not None:
-        scales_file, k_offsets = load_scales_for(config, settings.scales)
-    formats = [kv for kv in kv_dtypes if kv != RECIPE]
-    if RECIPE in kv_dtypes:
-        k_formats, v_formats = _recipe_formats(scales_file)
-        formats += k_formats + v_formats
-    for kv in dict.fromkeys(formats):
-        method = get_kv_cache_method(kv)
-        method.check_head_dim(shape.head_dim)
+    model_kv = check_model_kv(settings.model, settings.kv_dtypes, settings.scales)
     questions = load_gsm8k("test", settings.data)[: settings.limit]
     train = load_gsm8k("train")
     if not settings.chat and settings.num_fewshot > len(train):
@@ -322,27 +309,70 @@ def _plan(settings: EvalSettings) -> _Plan:
     run_dir = check_run_dir(
         settings.out,
         settings.run_name or default_run_name(settings.model),
-        _config_record(settings),
+        config_record(settings),
         settings.resume,
     )
-    return _Plan(questions, train, shape, scales_file, k_offsets, run_dir)
+    return _Plan(questions, train, model_kv.shape, model_kv.scales_file, model_kv.k_offsets, run_dir)
 
 
-def _plan_checks(settings: EvalSettings) -> None:
-    """The option checks every engine's eval shares (one-line errors before anything is loaded)."""
+@dataclass(frozen=True)
+class ModelKV:
+    """A model's config dict and KV shape, with the scales file and K centering offsets its KV
+    formats run with (None: no ``--scales``)."""
+
+    config: dict[str, Any]
+    shape: KVShape
+    scales_file: ScalesFile | None
+    k_offsets: torch.Tensor | None
+
+
+def check_model_kv(model: str, kv_dtypes: Sequence[str], scales: str | None) -> ModelKV:
+    """Check, before the model is loaded, that ``model`` (its config only) is a causal LM whose KV
+    cache every one of ``kv_dtypes`` can store (``recipe``: the per-layer formats of the
+    ``scales`` file), with that scales file matching the model; :class:`FP4KVError` otherwise."""
+    kv_dtypes = parse_kv_dtypes(",".join(kv_dtypes))
+    config = load_config_dict(model)
+    check_causal_lm(config, model)
+    shape = KVShape.from_config(config)
+    scales_file = k_offsets = None
+    if scales is not None:
+        scales_file, k_offsets = load_scales_for(config, scales)
+    formats = [kv for kv in kv_dtypes if kv != RECIPE]
+    if RECIPE in kv_dtypes:
+        k_formats, v_formats = _recipe_formats(scales_file)
+        formats += k_formats + v_formats
+    for kv in dict.fromkeys(formats):
+        get_kv_cache_method(kv).check_head_dim(shape.head_dim)
+    return ModelKV(config, shape, scales_file, k_offsets)
+
+
+def check_eval_options(settings: EvalSettings) -> None:
+    """The option checks every engine's GSM8K eval shares (one-line errors before anything is loaded)."""
     if settings.limit is not None and settings.limit <= 0:
         raise FP4KVError(f"--limit must be > 0, got {settings.limit}; omit it to use every question")
-    for option, value in (("--batch-size", settings.batch_size), ("--max-new-tokens", settings.max_new_tokens),
-                          ("--fidelity-samples", settings.fidelity_samples)):  # fmt: skip
-        if value is not None and value <= 0:
-            raise FP4KVError(f"{option} must be > 0, got {value}")
-    check_prefill_chunk(settings.prefill_chunk)
-    if settings.decode_attention not in DECODE_ATTENTION:
-        raise FP4KVError(
-            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {settings.decode_attention!r}"
-        )
+    if settings.fidelity_samples <= 0:
+        raise FP4KVError(f"--fidelity-samples must be > 0, got {settings.fidelity_samples}")
+    check_generation_options(
+        settings.batch_size, settings.max_new_tokens, settings.prefill_chunk, settings.decode_attention
+    )
     if settings.num_fewshot < 0:
         raise FP4KVError(f"--num-fewshot must be >= 0, got {settings.num_fewshot}")
+
+
+def check_generation_options(
+    batch_size: int | None, max_new_tokens: int, prefill_chunk: int, decode_attention: str
+) -> None:
+    """The generation options every eval of fp4kv's cache shares (``--batch-size``, None for
+    automatic; ``--max-new-tokens``; ``--prefill-chunk``; ``--decode-attention``): one-line
+    :class:`FP4KVError` before anything is loaded."""
+    for option, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value <= 0:
+            raise FP4KVError(f"{option} must be > 0, got {value}")
+    check_prefill_chunk(prefill_chunk)
+    if decode_attention not in DECODE_ATTENTION:
+        raise FP4KVError(
+            f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)}, got {decode_attention!r}"
+        )
 
 
 def _check_sampling(settings: EvalSettings) -> None:
@@ -368,7 +398,9 @@ def _sampler(spec: SamplingSpec, rows: Sequence[tuple[int, int]], device: torch.
     return RowSampler(spec, row_keys(spec.seed, questions, samples, device))
 
 
-def _config_record(settings: EvalSettings) -> dict[str, Any]:
+def config_record(settings: EvalSettings) -> dict[str, Any]:
+    """The run's settings as its run folder records them (``--resume`` checks them against it):
+    lists for tuples, ``num_fewshot`` 0 with ``--chat``, local paths resolved."""
     record = asdict(settings)
     record["kv_dtypes"] = list(settings.kv_dtypes)
     record["num_fewshot"] = 0 if settings.chat else settings.num_fewshot
@@ -439,15 +471,19 @@ def _recipe_formats(scales_file: ScalesFile | None) -> tuple[list[str], list[str
     return recipe
 
 
-def _prompts(settings: EvalSettings, plan: _Plan, tokenizer: Any) -> list[str]:
+def gsm8k_prompts(
+    settings: EvalSettings, questions: Sequence[dict[str, str]], train: Sequence[dict[str, str]], tokenizer: Any
+) -> list[str]:
+    """The prompt text of each of ``questions``: the tokenizer's chat template around the
+    zero-shot instruction (``settings.chat``), else lm-eval's few-shot prompt drawn from ``train``."""
     if settings.chat:
         return [
             tokenizer.apply_chat_template(
                 gsm8k.chat_messages(q["question"]), tokenize=False, add_generation_prompt=True
             )
-            for q in plan.questions
+            for q in questions
         ]
-    return gsm8k.fewshot_prompts(plan.questions, plan.train, settings.num_fewshot)
+    return gsm8k.fewshot_prompts(questions, train, settings.num_fewshot)
 
 
 def teacher_forced_samples(
@@ -458,10 +494,10 @@ def teacher_forced_samples(
     questions, train = load_gsm8k("test")[:count], load_gsm8k("train")
     prompts = gsm8k.fewshot_prompts(questions, train, num_fewshot)
     answers = [_answer_ids(tokenizer, q["answer"], False) for q in questions]
-    return list(zip(_encode(tokenizer, prompts, False), answers))
+    return list(zip(encode_prompts(tokenizer, prompts, False), answers))
 
 
-def _encode(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
     """Token ids per prompt; the tokenizer's own special tokens (BOS) unless the chat template
     already wrote them."""
     return tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]
@@ -472,7 +508,7 @@ def _answer_ids(tokenizer: Any, answer: str, chat: bool) -> list[int]:
     return tokenizer(answer if chat else f" {answer}", add_special_tokens=False)["input_ids"]
 
 
-def _stop_strings(tokenizer: Any) -> list[str]:
+def stop_strings(tokenizer: Any) -> list[str]:
     """lm-eval's ``until`` list plus the tokenizer's EOS text."""
     stops = list(gsm8k.STOP_SEQUENCES)
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
@@ -480,7 +516,7 @@ def _stop_strings(tokenizer: Any) -> list[str]:
     return stops
 
 
-def _run_batch(
+def run_batch(
     model: Any,
     tokenizer: Any,
     ids: Sequence[Sequence[int]],
@@ -491,6 +527,11 @@ def _run_batch(
     prefill_chunk: int,
     sampler: RowSampler | None = None,
 ) -> tuple[list[Continuation], dict[str, Any]]:
+    """Generate one batch of prompts ``ids`` into ``cache`` (:func:`generate_batch` with its
+    ``config``, ``stops``, ``decode`` read, ``prefill_chunk`` and ``sampler``, None: greedy) and
+    time it; returns the continuations and the batch's stats: ``seconds``, ``decode_attention``
+    (the read that ran), ``kv_bytes_per_token``, ``kv_stored_bytes``, ``kv_capacity_bytes``,
+    ``peak_gpu_bytes`` (None off CUDA, on the model's input device) and ``prefill_row_chunk``."""
     cuda = input_device(model).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -542,7 +583,7 @@ def _generate_all(
             ids = [list(prompt_ids[i]) for i, _ in batch]
             continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens, batch)
             fresh = [
-                _record(i, plan.questions[i], len(prompt_ids[i]), c, stats, len(batch), k if sampled else None)
+                sample_record(i, plan.questions[i], len(prompt_ids[i]), c, stats, len(batch), k if sampled else None)
                 for (i, k), c in zip(batch, continuations)
             ]
             log.append(fresh)
@@ -557,7 +598,7 @@ def _record_key(record: dict[str, Any]) -> tuple[int, int]:
     return int(record["index"]), int(record.get("sample", 0))
 
 
-def _record(
+def sample_record(
     index: int,
     question: dict[str, str],
     prompt_tokens: int,
@@ -566,6 +607,9 @@ def _record(
     batch: int,
     sample: int | None = None,
 ) -> dict[str, Any]:
+    """The ``samples-<kv>.jsonl`` record of question ``index`` (its ``sample``-th sample; None:
+    greedy): the continuation ``c``, its strict and flexible answers and their scores, and its
+    share of the batch's ``stats`` (from :func:`run_batch`; ``seconds`` over ``batch`` rows)."""
     strict, flexible = gsm8k.extract_strict(c.text), gsm8k.extract_flexible(c.text)
     return {
         "index": index,
@@ -644,7 +688,7 @@ def _summary(
         score = sampled_accuracy if sampled else accuracy
         peaks = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
         results[kv] = {
-            "scale_source": _scale_source(kv, plan.scales_file),
+            "scale_source": scale_source(kv, plan.scales_file),
             "k_centering": plan.k_offsets is not None and kv != REFERENCE,
             "qk_rotation": _rotation_block(kv, plan.scales_file),
             "accuracy": {key: score(values).to_dict() for key, values in flags[kv].items()},
@@ -719,7 +763,7 @@ def _batch(plan: BatchPlan | int) -> int:
     return plan.batch if isinstance(plan, BatchPlan) else plan
 
 
-def _scale_source(kv: str, scales_file: ScalesFile | None) -> str:
+def scale_source(kv: str, scales_file: ScalesFile | None) -> str:
     """``none`` for a format without per-tensor scales, else ``calibrated`` (from the scales file,
     as the recipe always is) or ``dynamic``."""
     if kv != RECIPE and not KV_CACHE_METHOD_REGISTRY[kv].uses_tensor_scale:

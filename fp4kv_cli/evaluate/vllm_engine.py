@@ -28,13 +28,13 @@ from fp4kv_cli.evaluate.metrics import accuracy, paired_difference
 from fp4kv_cli.evaluate.results import SampleLog, plot_summary, prepare_run_dir, samples_path, write_summary
 from fp4kv_cli.evaluate.runner import (
     EvalSettings,
-    _config_record,
-    _encode,
-    _plan_checks,
-    _prompts,
-    _record,
-    _stop_strings,
+    check_eval_options,
+    config_record,
     default_run_name,
+    encode_prompts,
+    gsm8k_prompts,
+    sample_record,
+    stop_strings,
     summary_header,
 )
 from fp4kv_cli.model_config import KVShape, load_config_dict
@@ -63,7 +63,7 @@ class EngineSettings:
 def run_gsm8k_vllm(settings: EvalSettings, engine: EngineSettings, console: Console) -> dict[str, Any]:
     """Generate and score every question with vLLM; returns the summary (also in summary.json)."""
     started = time.perf_counter()
-    _plan_checks(settings)
+    check_eval_options(settings)
     if engine.kv_cache_dtype not in VLLM_KV_DTYPES:
         raise FP4KVError(
             f"--vllm-kv-dtype must be one of {', '.join(VLLM_KV_DTYPES)}, got {engine.kv_cache_dtype!r}"
@@ -78,7 +78,7 @@ def run_gsm8k_vllm(settings: EvalSettings, engine: EngineSettings, console: Cons
     others = [_load_run(Path(p)) for p in engine.paired_with]
     questions = load_gsm8k("test", settings.data)[: settings.limit]
     train = load_gsm8k("train")
-    record = {**_config_record(settings), "engine": "vllm", **asdict(engine)}
+    record = {**config_record(settings), "engine": "vllm", **asdict(engine)}
     record["paired_with"] = list(engine.paired_with)
     run_dir = prepare_run_dir(
         settings.out, settings.run_name or default_run_name(settings.model) + "-vllm", record, settings.resume
@@ -87,10 +87,9 @@ def run_gsm8k_vllm(settings: EvalSettings, engine: EngineSettings, console: Cons
         os.environ.setdefault(name, value)
     llm, info = _engine(settings, engine, console)
     tokenizer = llm.get_tokenizer()
-    plan = _Questions(questions, train)
-    prompts = _prompts(settings, plan, tokenizer)
-    prompt_ids = _encode(tokenizer, prompts, settings.chat)
-    stops = _stop_strings(tokenizer)
+    prompts = gsm8k_prompts(settings, questions, train, tokenizer)
+    prompt_ids = encode_prompts(tokenizer, prompts, settings.chat)
+    stops = stop_strings(tokenizer)
     key = f"vllm-{engine.kv_cache_dtype}"
     rows = _generate_all(console, llm, key, run_dir, questions, prompt_ids, stops, settings)
     summary = _summary(settings, engine, info, shape, key, rows, questions, others, prompts[0], run_dir)
@@ -98,14 +97,6 @@ def run_gsm8k_vllm(settings: EvalSettings, engine: EngineSettings, console: Cons
     write_summary(run_dir, summary)
     plot_summary(run_dir, summary)
     return summary
-
-
-@dataclass
-class _Questions:
-    """What :func:`fp4kv_cli.evaluate.runner._prompts` reads of a plan."""
-
-    questions: list[dict[str, str]]
-    train: list[dict[str, str]]
 
 
 def _engine(settings: EvalSettings, engine: EngineSettings, console: Console) -> tuple[Any, dict[str, Any]]:
@@ -190,7 +181,7 @@ def _generate_all(
             )
             stats = _stats(time.perf_counter() - start)
             fresh = [
-                _record(
+                sample_record(
                     i,
                     questions[i],
                     len(prompt_ids[i]),
