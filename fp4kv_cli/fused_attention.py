@@ -82,9 +82,14 @@ def every_layer_refusal(model: Any, cache: Any, device: torch.device | None = No
     model-level :func:`fused_decode_refusal`, or a layer whose formats, buffer dtypes or head_dim
     it cannot read, foreseen from ``model``'s dtype, device and head_dim and each layer's K and V
     methods), or None where it reads them all."""
-    refusal = fused_decode_refusal(model, cache, device)
-    if refusal is not None:
-        return refusal
+    return fused_decode_refusal(model, cache, device) or layer_refusal(model, cache, device)
+
+
+def layer_refusal(model: Any, cache: Any, device: torch.device | None = None) -> str | None:
+    """The first layer of ``cache`` whose formats, buffer dtypes or head_dim the kernel cannot
+    read (foreseen from ``model``'s dtype, device and head_dim and each layer's K and V methods),
+    or None; the layer half of :func:`every_layer_refusal`, for a caller that has had
+    :func:`fused_decode_refusal` find no reason already (``cache`` is then a :class:`QuantKVCache`)."""
     text = model.config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     parameter = next(model.parameters())
@@ -231,4 +236,5 @@ __all__ = [
     "fused_decode_refusal",
     "fused_decode_supported",
     "layer_attention",
+    "layer_refusal",
 ]

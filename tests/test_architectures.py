@@ -20,6 +20,7 @@ import torch
 from conftest import SPECIAL_TOKENS, char_tokenizer
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from fp4kv_cli import fused_attention
 from fp4kv_cli.cache import QuantKVCache
 from fp4kv_cli.calibration.capture import RecordingCache
 from fp4kv_cli.evaluate.generate import greedy_config, left_pad
@@ -168,11 +169,15 @@ def test_bf16_storage_generates_what_the_dynamic_cache_generates(arch_dir: tuple
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_decode_path_and_reason(arch_dir: tuple[str, Path]) -> None:
+def test_decode_path_and_reason(arch_dir: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     name, folder = arch_dir
     model, _ = load_model_and_tokenizer(str(folder), device="cpu", dtype="bf16")
     cache = QuantKVCache.for_model(model.config, kv_method("bf16", torch.bfloat16))
+    model_checks = []
+    real = fused_attention.fused_decode_refusal
+    monkeypatch.setattr(fused_attention, "fused_decode_refusal", lambda *a: model_checks.append(a) or real(*a))
     path, reason = decode_path(model, cache, torch.device("cuda"))
+    assert len(model_checks) == 1  # the model-level check runs once, not again under the layer check
     assert path == ARCHITECTURES[name][1], reason
     assert reason
     cpu_path, cpu_reason = decode_path(model, cache)

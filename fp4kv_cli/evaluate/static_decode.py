@@ -39,9 +39,13 @@ def static_decode_refusal(model: Any, cache: Any, device: torch.device | None = 
     (:func:`~fp4kv_cli.fused_attention.every_layer_refusal`), every layer must use full attention
     (the static mask has no sliding window) and the rotary frequencies must not follow the length.
     ``device`` judges for another device than the model's."""
-    refusal = fused_attention.every_layer_refusal(model, cache, device)
-    if refusal is not None:
-        return refusal
+    return fused_attention.every_layer_refusal(model, cache, device) or static_shape_refusal(model)
+
+
+def static_shape_refusal(model: Any) -> str | None:
+    """Why the static-shape step cannot run ``model`` whatever its cache (sliding-window layers,
+    rotary frequencies that follow the length), or None; the model half of
+    :func:`static_decode_refusal`."""
     text = model.config.get_text_config(decoder=True)
     layer_types = getattr(text, "layer_types", None)
     if layer_types is None:  # no per-layer types (Mistral): one sliding window for every layer, if set
@@ -70,7 +74,7 @@ def decode_path(model: Any, cache: Any, device: torch.device | None = None) -> t
     refusal = fused_attention.fused_decode_refusal(model, cache, device)
     if refusal is not None:
         return "gather", refusal
-    refusal = static_decode_refusal(model, cache, device)
+    refusal = fused_attention.layer_refusal(model, cache, device) or static_shape_refusal(model)
     if refusal is not None:
         return "fused", refusal
     return "graph", "static-shape steps through the kernel, replayed as CUDA graphs"
