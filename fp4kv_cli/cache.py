@@ -30,7 +30,7 @@ centering); reads need no correction since softmax cancels the shift ``q . k_off
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -507,21 +507,8 @@ class QuantKVCache(Cache):
         capacity_hint: int | None = None,
         rotation: QKRotation | None = None,
     ) -> None:
-        if scales is not None and (len(scales.k) != num_layers or len(scales.v) != num_layers):
-            raise FP4KVError(
-                f"scales cover {len(scales.k)} layers but the model has {num_layers}; "
-                "calibrate this model with fp4kv calibrate"
-            )
-        _check_offsets(k_offsets, num_layers)
         storage = KVStorage.uniform(method, num_layers, k_offsets=k_offsets, rotation=rotation)
-        if scales is not None:
-            storage = KVStorage(
-                tuple(
-                    replace(layer, k_scale=scales.k[i], v_scale=scales.v[i])
-                    for i, layer in enumerate(storage.layers)
-                )
-            )
-        self._build_layers(storage, capacity_hint)
+        self._build_layers(storage if scales is None else storage.with_scales(scales), capacity_hint)
 
     @classmethod
     def for_model(
@@ -663,14 +650,6 @@ def _num_layers(config: Any) -> int:
             f"{', '.join(SUPPORTED_LAYER_TYPES)} attention models"
         )
     return len(layer_types)
-
-
-def _check_offsets(k_offsets: torch.Tensor | None, num_layers: int) -> None:
-    if k_offsets is not None and k_offsets.shape[0] != num_layers:
-        raise FP4KVError(
-            f"k_offset covers {k_offsets.shape[0]} layers but the model has {num_layers}; "
-            "calibrate this model with fp4kv calibrate --center-k"
-        )
 
 
 def _floats(values: Sequence[torch.Tensor | None]) -> list[float]:

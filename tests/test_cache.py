@@ -14,6 +14,7 @@ from fp4kv_cli.models import cache_argument
 from fp4kv_cli.quant import reference
 from fp4kv_cli.quant.methods import BF16KVMethod, LayerScales
 from fp4kv_cli.quant.registry import get_kv_cache_method
+from fp4kv_cli.quant.storage import KVStorage
 
 B, H, D = 2, 2, 32
 
@@ -169,6 +170,22 @@ def test_mismatched_scales_are_rejected() -> None:
     scales = LayerScales(k=torch.ones(3), v=torch.ones(3))
     with pytest.raises(FP4KVError, match="3 layers but the model has 2"):
         QuantKVCache(get_kv_cache_method("nvfp4"), num_layers=2, scales=scales)
+
+
+def test_scales_and_offsets_reach_the_layers_through_the_storage() -> None:
+    method = get_kv_cache_method("nvfp4")
+    scales = LayerScales(k=torch.tensor([1.0, 2.0]), v=torch.tensor([3.0, 4.0]))
+    offsets = torch.arange(2 * H * D, dtype=torch.float32).reshape(2, H, D)
+    cache = QuantKVCache(method, num_layers=2, scales=scales, k_offsets=offsets)
+    assert [float(layer.k_scale) for layer in cache.layers] == [1.0, 2.0]
+    assert [float(layer.v_scale) for layer in cache.layers] == [3.0, 4.0]
+    assert all(torch.equal(layer.k_offset, offsets[i]) for i, layer in enumerate(cache.layers))
+    for make in (lambda: QuantKVCache(method, num_layers=3, k_offsets=offsets),
+                 lambda: KVStorage.uniform(method, 3, k_offsets=offsets)):  # fmt: skip
+        with pytest.raises(FP4KVError, match="k_offset covers 2 layers but the model has 3"):
+            make()
+    with pytest.raises(FP4KVError, match="scales cover 2 layers but the model has 3"):
+        KVStorage.uniform(method, 3).with_scales(scales)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fp4kv_cli.errors import FP4KVError
-from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod
+from fp4kv_cli.quant.methods import BF16KVMethod, KVCacheMethod, LayerScales
 from fp4kv_cli.quant.registry import get_kv_cache_method
 from fp4kv_cli.quant.rotation import QKRotation
 from fp4kv_cli.quant.scales import ScalesFile
@@ -82,13 +82,17 @@ class KVStorage:
         centering) and one ``rotation`` for every layer whose K is quantized (a bf16 K stays as the
         model wrote it: rotating it would only add rounding)."""
         count = len(k_methods)
-        for what, values in (("V formats", v_methods), ("K amax", k_amax), ("V amax", v_amax),
-                             ("K offsets", k_offsets)):  # fmt: skip
+        for what, values in (("V formats", v_methods), ("K amax", k_amax), ("V amax", v_amax)):
             if values is not None and len(values) != count:
                 raise FP4KVError(
                     f"storage has {count} layers but {len(values)} {what}; give one per layer "
                     "(calibrate this model with fp4kv calibrate)"
                 )
+        if k_offsets is not None and len(k_offsets) != count:
+            raise FP4KVError(
+                f"k_offset covers {len(k_offsets)} layers but the model has {count}; "
+                "calibrate this model with fp4kv calibrate --center-k"
+            )
         layers = []
         for i, (k_method, v_method) in enumerate(zip(k_methods, v_methods)):
             dynamic = k_amax is None or v_amax is None
@@ -103,6 +107,22 @@ class KVStorage:
                 )
             )
         return cls(tuple(layers))
+
+    def with_scales(self, scales: LayerScales) -> KVStorage:
+        """The same storage with layer ``i``'s K and V scales ``scales.k[i]`` and ``scales.v[i]``
+        (calibrated scales given as scales, not amax); :class:`FP4KVError` unless they cover
+        every layer."""
+        if len(scales.k) != self.num_layers or len(scales.v) != self.num_layers:
+            raise FP4KVError(
+                f"scales cover {len(scales.k)} layers but the model has {self.num_layers}; "
+                "calibrate this model with fp4kv calibrate"
+            )
+        return KVStorage(
+            tuple(
+                replace(layer, k_scale=scales.k[i], v_scale=scales.v[i])
+                for i, layer in enumerate(self.layers)
+            )
+        )
 
     @classmethod
     def uniform(
