@@ -196,6 +196,25 @@ def test_centering_leaves_attention_unchanged_with_causal_and_padding_masks() ->
     torch.testing.assert_close(centered, plain, rtol=1e-10, atol=1e-10)
 
 
+def test_every_method_reads_the_layout_the_backend_maps_it_to() -> None:
+    """One writer -> reader mapping (:data:`FP4_LAYOUTS`): the methods' ``layout`` and the
+    backend's reader agree on it (a 4-over-6 buffer read under its writer name is nvfp4's read)."""
+    from fp4kv_cli.quant.backend import FP4_LAYOUTS, TorchBackend, read_layout
+    from fp4kv_cli.quant.registry import KV_CACHE_METHOD_REGISTRY
+
+    assert FP4_LAYOUTS["nvfp4_4over6"] == "nvfp4"
+    for name in KV_CACHE_METHOD_REGISTRY:
+        assert get_kv_cache_method(name).layout == read_layout(name)
+    gen = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, (4, 32), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(0, 127, (4, 4), dtype=torch.uint8, generator=gen)
+    g = torch.tensor(0.5)
+    for writer, layout in FP4_LAYOUTS.items():
+        scale = g if layout == "nvfp4" else None
+        got = TorchBackend().dequantize(writer, packed, scales, scale, torch.float32)
+        assert torch.equal(got, TorchBackend().dequantize(layout, packed, scales, scale, torch.float32))
+
+
 def test_4over6_method_stores_its_bytes_and_reads_as_nvfp4() -> None:
     """The nvfp4_4over6 method writes the 4-over-6 writer's bytes into nvfp4-shaped buffers, takes
     nvfp4's scales, and its read path is the nvfp4 reader's (same values from the same bytes)."""

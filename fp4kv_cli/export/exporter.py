@@ -37,6 +37,7 @@ from fp4kv_cli.export.plan import LayerPlan, consumer_view, plan_layers
 from fp4kv_cli.export.report import build_report, consumer_problems
 from fp4kv_cli.export.source import KVSource, load_source
 from fp4kv_cli.export.writer import FileWriter, WrittenFile, copy_shard_without, write_file, write_folder
+from fp4kv_cli.quant.backend import read_layout
 from fp4kv_cli.serve import centering
 from fp4kv_cli.validate import check_output_path
 
@@ -84,15 +85,12 @@ class ExportResult:
     files: list[WrittenFile]
 
 
-#: KV dtypes that write another one's checkpoint layout, and what serving them takes.
-WRITER_VARIANTS = {
+#: What serving a KV dtype that writes another one's layout (:func:`read_layout`) takes.
+WRITER_NOTES = {
     "nvfp4_4over6": (
-        "nvfp4",
-        (
-            "nvfp4_4over6 is a store-time rule on the nvfp4 layout: the checkpoint is nvfp4's; serve it with "
-            "vLLM --kv-cache-dtype nvfp4_4over6 (vLLM's SM100 trtllm-gen path; its FA2 path on "
-            "sm80/sm90/sm120 takes only nvfp4); SGLang and TensorRT-LLM have no 4-over-6 writer and store max->6"
-        ),
+        "nvfp4_4over6 is a store-time rule on the nvfp4 layout: the checkpoint is nvfp4's; serve it with "
+        "vLLM --kv-cache-dtype nvfp4_4over6 (vLLM's SM100 trtllm-gen path; its FA2 path on "
+        "sm80/sm90/sm120 takes only nvfp4); SGLang and TensorRT-LLM have no 4-over-6 writer and store max->6"
     ),
 }
 
@@ -106,8 +104,8 @@ def export_scales(request: ExportRequest) -> ExportResult:
     request = _normalized(request)
     check_choice(request.fmt, FORMATS, "--format")
     check_output_path(request.out, "--out", folder=request.fmt != "json")
-    layout, note = WRITER_VARIANTS.get(request.kv_dtype, (request.kv_dtype, None))
-    request = replace(request, kv_dtype=layout)
+    note = WRITER_NOTES.get(request.kv_dtype)
+    request = replace(request, kv_dtype=read_layout(request.kv_dtype))
     resolution = resolve(
         request.kv_dtype, request.convention, request.engine, request.target, request.force_convention
     )

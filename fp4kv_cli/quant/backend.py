@@ -15,11 +15,18 @@ import torch
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.quant import reference
 
-#: Formats that store E2M1 codes with block scales (writer names; ``nvfp4_4over6`` writes the
-#: ``nvfp4`` layout, which every NVFP4 reader reads).
-FP4_FORMATS = ("nvfp4", "nvfp4_4over6", "blockfp4")
+#: Formats that store E2M1 codes with block scales (writer names) -> the layout their bytes are
+#: in, as every reader names it (dequantize, gather, the decode-attention kernel, an exported
+#: checkpoint): ``nvfp4_4over6`` is a store-time rule on the ``nvfp4`` layout.
+FP4_LAYOUTS = {"nvfp4": "nvfp4", "nvfp4_4over6": "nvfp4", "blockfp4": "blockfp4"}
 #: Writers of the two-level NVFP4 layout (E4M3 block scale x FP32 global scale ``g``).
-NVFP4_WRITERS = ("nvfp4", "nvfp4_4over6")
+NVFP4_WRITERS = tuple(fmt for fmt, layout in FP4_LAYOUTS.items() if layout == "nvfp4")
+
+
+def read_layout(fmt: str) -> str:
+    """The layout a reader decodes format ``fmt``'s bytes as (see :data:`FP4_LAYOUTS`; every other
+    format is its own layout)."""
+    return FP4_LAYOUTS.get(fmt, fmt)
 
 
 class BackendUnavailableError(FP4KVError):
@@ -57,9 +64,9 @@ class TorchBackend:
         global_scale: torch.Tensor | None,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """Decode ``packed [M, K/2]`` + ``scales [M, K/16]`` to ``[M, K]`` of ``dtype`` (any NVFP4
-        writer's bytes read as ``nvfp4``)."""
-        if fmt in NVFP4_WRITERS:
+        """Decode ``packed [M, K/2]`` + ``scales [M, K/16]`` to ``[M, K]`` of ``dtype`` (``fmt``'s
+        bytes read as its :func:`read_layout`)."""
+        if read_layout(fmt) == "nvfp4":
             return reference.nvfp4_dequantize_reference(packed, scales, _require(global_scale), dtype)
         return reference.blockfp4_dequantize_reference(packed, scales, dtype)
 

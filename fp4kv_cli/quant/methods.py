@@ -17,7 +17,7 @@ import torch
 
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.quant import reference
-from fp4kv_cli.quant.backend import get_backend
+from fp4kv_cli.quant.backend import get_backend, read_layout
 from fp4kv_cli.quant.formats import E2M1_MAX, E4M3_MAX, FP4_BLOCK_SIZE
 from fp4kv_cli.quant.scales import ScalesFile, load_scales_file, parse_scales, per_layer_amax
 
@@ -115,8 +115,8 @@ class KVCacheMethod(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__ and "layout" not in cls.__dict__:
-            cls.layout = cls.name
+        if "name" in cls.__dict__:
+            cls.layout = read_layout(cls.name)
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise :class:`FP4KVError` if this format cannot store heads of ``head_dim`` (any
@@ -256,10 +256,10 @@ class NVFP4KVMethod(FP4KVCacheQuantMethod):
 class NVFP4Over6KVMethod(NVFP4KVMethod):
     """NVFP4 written "4 over 6" (vLLM's ``nvfp4_4over6``): per block the scale that maps the max to
     6 or to 4, whichever the writer's squared error prefers (ties keep 6; see
-    :mod:`fp4kv_cli.quant.reference`). Same buffers, scales and readers as ``nvfp4``."""
+    :mod:`fp4kv_cli.quant.reference`). Same buffers, scales and readers as ``nvfp4`` (its
+    ``layout``, from :func:`~fp4kv_cli.quant.backend.read_layout`)."""
 
     name: ClassVar[str] = "nvfp4_4over6"
-    layout: ClassVar[str] = "nvfp4"
 
 
 class BlockFP4KVMethod(FP4KVCacheQuantMethod):

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from fp4kv_cli.quant.backend import BackendUnavailableError, TorchBackend
+from fp4kv_cli.quant.backend import BackendUnavailableError, TorchBackend, read_layout
 from fp4kv_cli.quant.kernels.triton_fp4 import TritonBackend
 from fp4kv_cli.quant.reference import as_global_scale
 
@@ -120,7 +120,7 @@ class FlashInferBackend(TritonBackend):
 
     @staticmethod
     def _native_dequantize(fmt: str, packed: torch.Tensor, dtype: torch.dtype) -> bool:
-        return fmt == "nvfp4" and packed.is_cuda and dtype in _FLASHINFER_OUT
+        return read_layout(fmt) == "nvfp4" and packed.is_cuda and dtype in _FLASHINFER_OUT
 
 
 __all__ = ["FlashInferBackend", "load_flashinfer"]

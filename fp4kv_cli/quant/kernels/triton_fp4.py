@@ -20,7 +20,8 @@ arithmetic mirrors the reference step for step:
 NVFP4 "4 over 6" (``nvfp4_4over6``, ``FMT`` 2) quantizes each block twice in registers (max
 mapped to 6 and to 4), scores both with the reference's writer error (pair errors added in
 element order, each product and sum rounded: fusion is off) and keeps the 4 candidate only when
-its error is strictly smaller; its bytes decode as NVFP4 (``FMT`` 0 and 2 share the reader).
+its error is strictly smaller; its bytes decode as NVFP4 (the dequantize kernel takes the
+reader layout, :func:`~fp4kv_cli.quant.backend.read_layout`, not the writer).
 
 The global scale ``g`` is a 0-dim float32 device tensor read inside the kernel (no host sync).
 Under ``TRITON_INTERPRET=1`` (CPU tests) fp32 -> bf16 is rounded in integer code, because the
@@ -36,11 +37,11 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from fp4kv_cli.quant.backend import NVFP4_WRITERS, TorchBackend
+from fp4kv_cli.quant.backend import NVFP4_WRITERS, TorchBackend, read_layout
 from fp4kv_cli.quant.formats import FP4_BLOCK_SIZE
 from fp4kv_cli.quant.reference import as_global_scale
 
-#: Format ids passed to the kernels as ``FMT``.
+#: Writer ids passed to the quantize kernel as ``FMT``.
 _FORMAT_IDS = {"nvfp4": 0, "blockfp4": 1, "nvfp4_4over6": 2}
 #: Element dtypes the kernels read or write, as ``IN_KIND`` / ``OUT_KIND`` ids.
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -379,7 +380,7 @@ def _dequantize_kernel(
     scale_stride_head,
     out_stride_tok,
     out_stride_head,
-    FMT: tl.constexpr,
+    NVFP4: tl.constexpr,
     OUT_KIND: tl.constexpr,
     GATHER: tl.constexpr,
     SOFT_BF16: tl.constexpr,
@@ -401,7 +402,7 @@ def _dequantize_kernel(
     scale_byte = tl.load(scale_ptr + (scale_src[:, None] + blocks[None, :]), mask=block_ok, other=0).to(
         tl.int32
     )
-    lo, hi = _decode_pairs(packed, scale_byte, g_ptr, FMT != 1)
+    lo, hi = _decode_pairs(packed, scale_byte, g_ptr, NVFP4)
     if OUT_KIND == 2:
         word = lo.to(tl.uint32, bitcast=True).to(tl.int64) | (
             hi.to(tl.int32, bitcast=True).to(tl.int64) << 32
@@ -574,7 +575,7 @@ class TritonBackend(TorchBackend):
             scale_bytes.stride(1),
             words.stride(0),
             words.stride(1),
-            FMT=_FORMAT_IDS[fmt],
+            NVFP4=read_layout(fmt) == "nvfp4",
             OUT_KIND=_DTYPE_IDS[dtype],
             GATHER=loc is not None,
             SOFT_BF16=INTERPRETED,
