@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from fp4kv_cli.cli import app
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate import longctx_tasks as tasks
+from fp4kv_cli.evaluate import runner
 from fp4kv_cli.evaluate.longctx import parse_lengths
 
 cli = CliRunner()
@@ -102,16 +103,20 @@ def _long_tiny(tiny_llama_dir: Path, tmp_path: Path, maximum: int) -> Path:
 
 
 @pytest.mark.slow
-def test_longctx_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_longctx_end_to_end(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two samples per task at 768 tokens (the tiny model's maximum here, so 1024 is skipped),
-    bf16 and nvfp4, prefilled in chunks."""
+    bf16 and nvfp4, prefilled in chunks; batches run by ``eval gsm8k``'s :func:`run_batch`, which
+    measures peak memory on the model's input device."""
     model = _long_tiny(tiny_llama_dir, tmp_path, 768)
+    asked = []
+    monkeypatch.setattr(runner, "input_device", lambda m, real=runner.input_device: asked.append(m) or real(m))
     args = ["eval", "longctx", "--model", str(model), "--kv-dtype", "bf16,nvfp4", "--lengths", "768,1024",
             "--limit", "2", "--max-new-tokens", "8", "--prefill-chunk", "2048", "--device", "cpu",
             "--out", str(tmp_path), "--run-name", "r"]  # fmt: skip
     result = cli.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "Δ vs bf16" in result.output and "skipped lengths" in result.output
+    assert len(asked) == 2  # one run_batch per format: its 8 samples in one batch on the CPU
     run = tmp_path / "r"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["lengths"] == [768] and summary["skipped_lengths"] == [1024]
