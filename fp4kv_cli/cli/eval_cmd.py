@@ -196,7 +196,13 @@ def gsm8k(
             "--samples/--temperature are for --engine fp4kv; drop them with --engine vllm (greedy)"
         )
     if engine == "vllm":
+        from fp4kv_cli.evaluate.data_parallel import Ranks
         from fp4kv_cli.evaluate.vllm_engine import EngineSettings, run_gsm8k_vllm
+
+        if Ranks.from_env().parallel:
+            raise FP4KVError(
+                "--engine vllm runs in one process (vLLM shares out its own GPUs); launch it without torchrun"
+            )
 
         engine_settings = EngineSettings(
             kv_cache_dtype=vllm_kv_dtype.strip().lower(),
@@ -211,6 +217,8 @@ def gsm8k(
         )
     else:
         summary = run_gsm8k(settings, err_console)
+        if summary is None:  # a data-parallel rank other than 0: rank 0 prints the results
+            return
     out_console = console if console.is_terminal else Console(width=TABLE_WIDTH)
     out_console.print(summary_table(summary))
     for result in summary["results"].values():

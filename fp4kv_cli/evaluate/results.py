@@ -106,9 +106,9 @@ class SampleLog:
         self.path = path
         self.key = key or (lambda record: int(record["index"]))
 
-    def load(self) -> dict[Any, dict[str, Any]]:
+    def load(self, repair: bool = True) -> dict[Any, dict[str, Any]]:
         """Records by key. A last line without its newline or not valid JSON (a write cut short)
-        is removed from the file; any other bad line is an error."""
+        is removed from the file (only skipped without ``repair``); any other bad line is an error."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
@@ -127,7 +127,7 @@ class SampleLog:
                 ) from None
             records[self.key(record)] = record
             good_bytes += len(line) + 1
-        if good_bytes != len(data):
+        if repair and good_bytes != len(data):
             with self.path.open("r+b") as handle:
                 handle.truncate(good_bytes)
         return records

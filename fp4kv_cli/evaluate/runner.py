@@ -7,7 +7,10 @@ format), scored as the mean over samples with per-question paired differences vs
 resumed run may ask for more samples than it has.
 
 The KV dtype ``recipe`` runs the per-layer K/V formats written in the ``--scales`` file
-(``k_format`` / ``v_format``, from ``fp4kv analyze --write-recipe``)."""
+(``k_format`` / ``v_format``, from ``fp4kv analyze --write-recipe``).
+
+Under ``torchrun`` / ``accelerate launch`` every process runs :func:`run_gsm8k` on its own device
+and the batches are shared out (:mod:`fp4kv_cli.evaluate.data_parallel`)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,14 @@ from fp4kv_cli.data import load_gsm8k
 from fp4kv_cli.errors import FP4KVError
 from fp4kv_cli.evaluate import gsm8k
 from fp4kv_cli.evaluate.batching import BatchPlan, auto_batch_size
+from fp4kv_cli.evaluate.data_parallel import (
+    Ranks,
+    fold_shards,
+    open_shards,
+    remove_shard_folder,
+    shard_path,
+    write_in_order,
+)
 from fp4kv_cli.evaluate.fidelity import Fidelity, measure_fidelity
 from fp4kv_cli.evaluate.generate import (
     Continuation,
@@ -65,7 +76,6 @@ from fp4kv_cli.models import (
     load_model_and_tokenizer,
     parse_dtype,
     placed_devices,
-    resolve_device,
 )
 from fp4kv_cli.progress import count_progress, status
 from fp4kv_cli.quant.backend import get_backend
@@ -153,10 +163,22 @@ class _Plan:
     run_dir: Path
 
 
-def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
-    """Run the evaluation and return the summary (also written to ``OUT/<run>/summary.json``)."""
+def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any] | None:
+    """Run the evaluation and return the summary (also written to ``OUT/<run>/summary.json``).
+    Under a data-parallel launch rank 0 returns it and prints progress; the other ranks return None."""
+    ranks = Ranks.from_env()
+    if ranks.parallel and settings.device_map is not None:
+        raise FP4KVError(
+            "--device-map splits one model over devices, a data-parallel launch runs one whole model per "
+            "process; drop --device-map or launch a single process"
+        )
+    with ranks.group():
+        return _run_gsm8k(settings, console if ranks.writer else Console(quiet=True), ranks)
+
+
+def _run_gsm8k(settings: EvalSettings, console: Console, ranks: Ranks) -> dict[str, Any] | None:
     started = time.perf_counter()
-    device = resolve_device(settings.device)
+    device = ranks.device(settings.device)
     settings = replace(settings, decode_attention=effective_decode(settings.decode_attention, device))
     plan = _plan(settings)
     clock = RunClock(plan.run_dir, started)
@@ -170,10 +192,15 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     console.print(f"placed on {', '.join(placed_devices(model))}", highlight=False)
     if settings.chat and not getattr(tokenizer, "chat_template", None):
         raise FP4KVError(f"{settings.model} has no chat template; drop --chat to use the few-shot prompt")
-    # Only now, with every input checked and the model loaded, does the run folder appear.
-    plan.run_dir = prepare_run_dir(
-        settings.out, plan.run_dir.name, config_record(settings), settings.resume
-    )
+    # Only now, with every input checked and the model loaded, does the run folder appear; its
+    # shared files have one writer, rank 0, once every rank has checked the folder.
+    ranks.barrier()
+    if ranks.writer:
+        plan.run_dir = prepare_run_dir(
+            settings.out, plan.run_dir.name, config_record(settings), settings.resume
+        )
+        open_shards(plan.run_dir, settings.kv_dtypes, _record_key, ranks.parallel)
+    ranks.barrier()
     neutral_generation_defaults(model)
     prompts = gsm8k_prompts(settings, plan.questions, plan.train, tokenizer)
     prompt_ids = encode_prompts(tokenizer, prompts, settings.chat)
@@ -186,7 +213,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             if path != settings.decode_attention:
                 console.print(f"{kv}: decode read {path}, not {settings.decode_attention}: {reason}", highlight=False)
     fidelity: dict[str, Fidelity] = {}
-    if settings.fidelity:
+    if settings.fidelity and ranks.writer:
         count = min(settings.fidelity_samples, len(plan.questions))
         fidelity = load_fidelity(plan.run_dir, count, settings.kv_dtypes) or {}
         if not fidelity:
@@ -211,7 +238,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
     longest = max(map(len, prompt_ids)) + settings.max_new_tokens
     text_config = model.config.get_text_config(decoder=True)
     for kv in settings.kv_dtypes:
-        batches[kv] = settings.batch_size or auto_batch_size(
+        automatic = settings.batch_size or auto_batch_size(
             text_config,
             make_cache(kv, longest),
             dtype,
@@ -220,6 +247,7 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
             len(prompt_ids) * settings.samples,
             settings.prefill_chunk,
         )
+        batches[kv] = min(ranks.gather(automatic), key=_batch)  # one batch for all ranks: the smallest
         if isinstance(batches[kv], BatchPlan) and batches[kv].free_bytes is not None:
             auto = batches[kv]
             console.print(f"{kv}: batch {auto.batch} ({auto.free_bytes / 2**30:.1f} GiB free, "
@@ -242,9 +270,19 @@ def run_gsm8k(settings: EvalSettings, console: Console) -> dict[str, Any]:
                 settings.prefill_chunk,
                 None if spec is None else _sampler(spec, rows, device),
             ),
-            clock.save,
+            ranks,
+            clock.save if ranks.writer else lambda: None,
         )
+    ranks.barrier()  # every rank's shard is complete
+    if not ranks.writer:
+        return None
+    order = _row_order(prompt_ids, settings.samples)
+    for kv in settings.kv_dtypes:
+        records[kv] = fold_shards(plan.run_dir, kv, _record_key)
+        write_in_order(plan.run_dir, kv, records[kv], order)
+    remove_shard_folder(plan.run_dir)
     summary = _summary(settings, plan, device, dtype, records, fidelity, prompts[0], batches)
+    summary["processes"] = ranks.world
     summary.update(clock.save())
     write_summary(plan.run_dir, summary)
     png, problem = try_plot_summary(plan.run_dir, summary)
@@ -561,25 +599,28 @@ def _generate_all(
     run_batch: Callable[
         [list[list[int]], int, list[tuple[int, int]]], tuple[list[Continuation], dict[str, Any]]
     ],
+    ranks: Ranks,
     on_saved: Callable[[], object],
 ) -> dict[tuple[int, int], dict[str, Any]]:
     """Score every ``(question, sample)`` with format ``kv``; those already in
     ``samples-<kv>.jsonl`` are skipped; ``on_saved()`` runs after each batch is logged. Rows go
-    longest prompt first, a question's samples together."""
+    longest prompt first, a question's samples together; under a data-parallel launch this rank
+    scores its share of the batches into its shard file."""
     sampled = settings.sampling is not None
-    log = SampleLog(samples_path(plan.run_dir, kv), key=_record_key)
-    done = log.load()
-    rows = [(i, k) for i in range(len(plan.questions)) for k in range(settings.samples)]
-    order = sorted(rows, key=lambda row: (-len(prompt_ids[row[0]]), row))
+    merged = samples_path(plan.run_dir, kv)
+    done = SampleLog(merged, key=_record_key).load(repair=ranks.writer)
+    order = _row_order(prompt_ids, settings.samples)
     todo = [row for row in order if row not in done]
+    mine = ranks.share([todo[first : first + batch_size] for first in range(0, len(todo), batch_size)])
+    log = SampleLog(shard_path(plan.run_dir, kv, ranks.rank) if ranks.parallel else merged, key=_record_key)
     with count_progress(console, remaining=True) as progress:
         task = progress.add_task(
-            f"gsm8k {kv}" + (f" x{settings.samples} sampled" if sampled else ""),
-            total=len(rows),
-            completed=len(rows) - len(todo),
+            f"gsm8k {kv}" + (f" x{settings.samples} sampled" if sampled else "")
+            + (f" (rank 0's share of {ranks.world})" if ranks.parallel else ""),
+            total=len(order) - len(todo) + sum(map(len, mine)),
+            completed=len(order) - len(todo),
         )
-        for first in range(0, len(todo), batch_size):
-            batch = todo[first : first + batch_size]
+        for batch in mine:
             ids = [list(prompt_ids[i]) for i, _ in batch]
             continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens, batch)
             fresh = [
@@ -591,6 +632,13 @@ def _generate_all(
             done.update((_record_key(r), r) for r in fresh)
             progress.advance(task, len(batch))
     return done
+
+
+def _row_order(prompt_ids: Sequence[Sequence[int]], samples: int) -> list[tuple[int, int]]:
+    """Every ``(question, sample)`` row in generation (and samples file) order: longest prompt
+    first, a question's samples together."""
+    rows = [(i, k) for i in range(len(prompt_ids)) for k in range(samples)]
+    return sorted(rows, key=lambda row: (-len(prompt_ids[row[0]]), row))
 
 
 def _record_key(record: dict[str, Any]) -> tuple[int, int]:
