@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from typer.testing import CliRunner
 
 from fp4kv_cli.cli import app
@@ -21,10 +22,6 @@ from fp4kv_cli.evaluate.data_parallel import Ranks
 REPO = Path(__file__).resolve().parent.parent
 cli = CliRunner()
 FAST = ["--num-fewshot", "1", "--max-new-tokens", "8", "--device", "cpu", "--batch-size", "2", "--limit", "7"]
-#: Fields that time the run (per sample record; per format and per run in summary.json).
-RECORD_TIMING = {"seconds"}
-RESULT_TIMING = {"generation_seconds", "tokens_per_second", "peak_gpu_bytes"}
-RUN_FIELDS = {"wall_seconds", "wall_seconds_session", "sessions", "processes", "run_dir"}
 
 
 def _single(args: list[str], out: Path) -> Path:
@@ -60,29 +57,15 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in RECORD_TIMING} for r in records]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-def _summary(run: Path) -> dict:
-    summary = json.loads((run / "summary.json").read_text())
-    for result in summary["results"].values():
-        for key in RESULT_TIMING:
-            result.pop(key)
-    return {k: v for k, v in summary.items() if k not in RUN_FIELDS}
-
-
-def _assert_same_run(single: Path, parallel: Path, kv_dtypes: list[str]) -> None:
-    for kv in kv_dtypes:
-        assert _untimed(_lines(parallel / f"samples-{kv}.jsonl")) == _untimed(
-            _lines(single / f"samples-{kv}.jsonl")
-        )
-    assert _summary(parallel) == _summary(single)
+def _assert_same_run(single: Path, parallel: Path) -> None:
+    comparison = load_script("compare_run_folders").compare(single, parallel)
+    assert comparison["identical"], comparison
     assert json.loads((parallel / "summary.json").read_text())["processes"] == 2
     assert not (parallel / "shards").exists()
-    names = {p.name for p in single.iterdir()}
-    assert {p.name for p in parallel.iterdir()} == names
-    if "fidelity.json" in names:
-        assert (parallel / "fidelity.json").read_text() == (single / "fidelity.json").read_text()
+    assert {p.name for p in parallel.iterdir()} == {p.name for p in single.iterdir()}
 
 
 @pytest.mark.slow
@@ -108,7 +91,7 @@ def test_killed_greedy_run_resumes_into_the_single_process_folder(
 
     resumed = _torchrun([*args, "--resume"], tmp_path / "dp")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_run(single, run, kv_dtypes)
+    _assert_same_run(single, run)
     assert json.loads((run / "summary.json").read_text())["sessions"] == 2
     for kv in kv_dtypes:  # the killed session's records are kept, not scored again (same seconds)
         kept = {r["index"]: r for r in _lines(run / f"samples-{kv}.jsonl")}
@@ -125,7 +108,7 @@ def test_sampled_run_equals_the_single_process_run(tiny_llama_dir: Path, tmp_pat
     launched = _torchrun(args, tmp_path / "dp")
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "results in" in launched.stdout
-    _assert_same_run(single, tmp_path / "dp" / "r", ["bf16", "nvfp4"])
+    _assert_same_run(single, tmp_path / "dp" / "r")
 
 
 def test_one_process_resumes_what_a_parallel_run_left(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -148,6 +131,14 @@ def test_one_process_resumes_what_a_parallel_run_left(tiny_llama_dir: Path, tmp_
     merged = _lines(run / "samples-nvfp4.jsonl")
     assert merged[:4] == planted and _untimed(merged) == _untimed(records)
     assert all(r["seconds"] >= 0 for r in merged[4:]) and not (run / "shards").exists()
+    compare = load_script("compare_run_folders").compare
+    assert compare(reference, run)["identical"]
+    merged[5]["output"] += "!"
+    (run / "samples-nvfp4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in merged))
+    comparison = compare(reference, run)
+    assert not comparison["identical"] and comparison["formats"]["nvfp4"]["output_differs"] == [
+        merged[5]["index"]
+    ]
 
 
 def test_launch_environment_checks(
