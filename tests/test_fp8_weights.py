@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from fp4kv_cli.calibration.calibrate import calibrate
 from fp4kv_cli.cli import app
+from fp4kv_cli.export.inspect import inspect_path
 from fp4kv_cli.models import load_model_and_tokenizer
 
 pytest.importorskip("compressed_tensors")
@@ -39,8 +40,14 @@ def _finegrained_fp8(source: Path, out: Path, block: int = 16) -> Path:
     quantized: dict[str, torch.Tensor] = {}
     for name, tensor in weights.items():
         linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
-        quantized.update(quantize._quantize_one(name, tensor.to(torch.bfloat16)) if linear else {name: tensor})
-    save_file({k: v.contiguous() for k, v in quantized.items()}, out / "model.safetensors", metadata={"format": "pt"})
+        quantized.update(
+            quantize._quantize_one(name, tensor.to(torch.bfloat16)) if linear else {name: tensor}
+        )
+    save_file(
+        {k: v.contiguous() for k, v in quantized.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     model_config = json.loads((out / "config.json").read_text())
     model_config["quantization_config"] = config.to_dict()
     (out / "config.json").write_text(json.dumps(model_config))
@@ -48,9 +55,15 @@ def _finegrained_fp8(source: Path, out: Path, block: int = 16) -> Path:
 
 
 @pytest.fixture(scope="module", params=["compressed-tensors", "fine-grained"])
-def fp8_dir(request: pytest.FixtureRequest, tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp8_dir(
+    request: pytest.FixtureRequest, tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("fp8") / request.param
-    build = load_script("make_fp8_checkpoint").make_fp8_checkpoint if request.param == "compressed-tensors" else _finegrained_fp8
+    build = (
+        load_script("make_fp8_checkpoint").make_fp8_checkpoint
+        if request.param == "compressed-tensors"
+        else _finegrained_fp8
+    )
     return build(tiny_qwen2_dir, out)
 
 
@@ -61,7 +74,9 @@ def test_fp8_checkpoint_calibrates_on_its_own_weights(fp8_dir: Path, tiny_qwen2_
     got = calibrate(fp8, tokenizer, TEXTS, seq_len=32, batch_size=2, center_k=True)
     expected = calibrate(dense, tokenizer, TEXTS, seq_len=32, batch_size=2, center_k=True)
     for g, e in zip(got["layers"], expected["layers"]):
-        assert g["k_amax"] == pytest.approx(e["k_amax"], rel=0.1) and g["v_amax"] == pytest.approx(e["v_amax"], rel=0.1)
+        assert g["k_amax"] == pytest.approx(e["k_amax"], rel=0.1) and g["v_amax"] == pytest.approx(
+            e["v_amax"], rel=0.1
+        )
     # K/V of the FP8 weights, not of the source's bf16 ones
     assert [g["k_amax"] for g in got["layers"]] != [e["k_amax"] for e in expected["layers"]]
 
@@ -76,18 +91,37 @@ def test_fp8_checkpoint_evaluates_and_takes_kv_scales(fp8_dir: Path, tmp_path: P
                               "--no-fidelity", "--out", str(tmp_path), "--run-name", "r"])  # fmt: skip
     assert result.exit_code == 0, result.output
     out = tmp_path / "export"
-    if fp8_dir.name == "fine-grained":  # vLLM's Fp8Config checkpoint: no KV layout of its own to merge into
-        result = cli.invoke(app, ["export-scales", str(scales), "--model-dir", str(fp8_dir), "--out", str(out),
-                                  "--kv-dtype", "fp8", "--format", "modelopt"])  # fmt: skip
-        assert result.exit_code == 2 and "already fp8-quantized; export --format json" in result.output
-        assert not out.exists()
-        return
-    result = cli.invoke(app, ["export-scales", str(scales), "--model-dir", str(fp8_dir), "--out", str(out),
-                              "--kv-dtype", "fp8", "--format", "compressed-tensors"])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    common = [
+        "export-scales",
+        str(scales),
+        "--model-dir",
+        str(fp8_dir),
+        "--out",
+        str(out),
+        "--kv-dtype",
+        "fp8",
+    ]
     weights_config = json.loads((fp8_dir / "config.json").read_text())["quantization_config"]
-    merged = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert merged["config_groups"] == weights_config["config_groups"] and merged["kv_cache_scheme"]
+    if fp8_dir.name == "fine-grained":  # vLLM's / SGLang's Fp8Config: the config stays, the scales join
+        result = cli.invoke(app, [*common, "--format", "modelopt"])
+        assert result.exit_code == 2 and "already fp8-quantized; export --format fp8" in result.output
+        result = cli.invoke(app, [*common[:-1], "nvfp4", "--format", "fp8"])
+        assert result.exit_code == 2 and "--format modelopt" in result.output and not out.exists()
+        result = cli.invoke(app, [*common, "--format", "fp8"])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "config.json").read_text())["quantization_config"] == weights_config
+        report = inspect_path(out)
+        assert report["hazards"] == [] and report["convention"] == "448"
+        reloaded, _ = load_model_and_tokenizer(str(out), "cpu", "bf16")  # transformers skips the KV scales
+        source, _ = load_model_and_tokenizer(str(fp8_dir), "cpu", "bf16")
+        assert all(
+            torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), source.state_dict().values())
+        )
+    else:
+        result = cli.invoke(app, [*common, "--format", "compressed-tensors"])
+        assert result.exit_code == 0, result.output
+        merged = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert merged["config_groups"] == weights_config["config_groups"] and merged["kv_cache_scheme"]
     original = load_file(next(fp8_dir.glob("*.safetensors")))
     exported = {}
     for shard in out.glob("*.safetensors"):

@@ -24,7 +24,7 @@ def export_scales_cmd(
     kv_dtype: Annotated[
         str, typer.Option("--kv-dtype", help="KV cache dtype the scales are for: nvfp4, nvfp4_4over6 or fp8.")
     ],
-    fmt: Annotated[str, typer.Option("--format", help="modelopt, compressed-tensors or json.")],
+    fmt: Annotated[str, typer.Option("--format", help="modelopt, compressed-tensors, fp8 (into a transformers fine-grained FP8 checkpoint) or json.")],
     model_dir: Annotated[
         Path | None,
         typer.Option(

@@ -4,7 +4,8 @@ Only KV tensors are read (``safetensors.safe_open``), never the weights. The con
 from, in order: fp4kv's own ``fp4kv_kv_scales.json``, the ModelOpt producer version in
 ``hf_quant_config.json`` / ``config.json`` (NVFP4 KV: ``amax / 2688`` before 0.41,
 ``amax / 448`` from 0.42, NVIDIA/Model-Optimizer PR #790), the compressed-tensors
-``kv_cache_scheme`` (FP8: ``amax / 448``); otherwise it is ambiguous.
+``kv_cache_scheme`` (FP8: ``amax / 448``), a ``quant_method: fp8`` config with K/V scales (FP8,
+``amax / 448``); otherwise it is ambiguous.
 """
 
 from __future__ import annotations
@@ -194,6 +195,10 @@ def detect_convention(ckpt: Checkpoint) -> ConventionReading:
         if scheme.get("num_bits") == 8 and scheme.get("type") == "float":
             return ConventionReading("448", "fp8", "compressed-tensors kv_cache_scheme is FP8 (amax / 448)")
         return ConventionReading(None, None, f"compressed-tensors kv_cache_scheme {scheme} is not FP8")
+    if qc.get("quant_method") == "fp8" and (ckpt.scales("k") or ckpt.scales("v")):
+        return ConventionReading(
+            "448", "fp8", "quant_method fp8 (transformers' fine-grained FP8): FP8 KV scales, amax / 448"
+        )
     if ckpt.scales("kv"):
         return ConventionReading("448", "fp8", "legacy kv_scale tensors are FP8-era (amax / 448)")
     return ConventionReading(None, None, "no quantization metadata names the KV convention")

@@ -19,7 +19,7 @@ from fp4kv_cli.quant.scales import CONVENTION_DIVISORS, Convention
 KV_DTYPES = ("fp8", "nvfp4")
 ENGINES = ("sglang", "vllm", "trtllm")
 TARGETS = ("sm90", "sm100", "sm120")
-FORMATS = ("modelopt", "compressed-tensors", "json")
+FORMATS = ("modelopt", "compressed-tensors", "fp8", "json")
 
 #: Engine used when ``--target`` is given without ``--engine``.
 DEFAULT_ENGINE = "sglang"

@@ -1,11 +1,18 @@
 """``fp4kv export-scales``: write KV scales in the layout and convention an engine loads.
 
-Folder formats (``modelopt``, ``compressed-tensors``) produce a full model folder: the
+Folder formats (``modelopt``, ``compressed-tensors``, ``fp8``) produce a full model folder: the
 original files hard-linked, plus a new shard ``model-fp4kv-kv-scales.safetensors`` listed in
 ``model.safetensors.index.json`` (created when the model was a single file), a rewritten
 ``config.json`` (and ``hf_quant_config.json`` for ModelOpt) and the report
 ``fp4kv_kv_scales.json``. Shards that already held KV scales are rewritten without them, since
 engines load every tensor of every indexed shard. ``json`` writes only the sidecar file.
+
+``fp8`` merges FP8 KV scales into a transformers fine-grained FP8 checkpoint
+(``quantization_config.quant_method: fp8``): its config stays as it is, and per-tensor
+``self_attn.k_scale`` / ``v_scale`` join the weights, which vLLM's and SGLang's ``Fp8Config``
+load through their ``Fp8KVCacheMethod`` (vllm-project/vllm
+``vllm/model_executor/layers/quantization/fp8.py``; sgl-project/sglang
+``python/sglang/srt/layers/quantization/fp8.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ K_CENTERING = ("none", "plugin", "modelopt")
 #: ``--k-centering modelopt``'s ``k_proj.k_bias`` tensors, also kept out of the index: indexed,
 #: vLLM 0.32 fails to load the checkpoint (its Qwen2/Llama loader maps k_proj.* onto qkv_proj).
 K_BIAS_FILE = "fp4kv-k-bias-modelopt.safetensors"
+#: Formats whose engines load one K and one V scale per layer (per-head amax are reduced).
+PER_TENSOR_FORMATS = ("modelopt", "fp8")
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,11 @@ def export_scales(request: ExportRequest) -> ExportResult:
     check_output_path(request.out, "--out", folder=request.fmt != "json")
     note = WRITER_NOTES.get(request.kv_dtype)
     request = replace(request, kv_dtype=read_layout(request.kv_dtype))
+    if request.fmt == "fp8" and request.kv_dtype != "fp8":
+        raise FP4KVError(
+            "--format fp8 carries FP8 KV scales (the engines' Fp8KVCacheMethod); for NVFP4 KV merge into a "
+            "ModelOpt checkpoint with --format modelopt"
+        )
     resolution = resolve(
         request.kv_dtype, request.convention, request.engine, request.target, request.force_convention
     )
@@ -124,7 +138,7 @@ def export_scales(request: ExportRequest) -> ExportResult:
             f"--k-centering {request.k_centering} needs a scales file with k_offset on every layer; "
             "calibrate with fp4kv calibrate --center-k"
         )
-    per_head = request.per_head and request.fmt != "modelopt" and _has_per_head(source)
+    per_head = request.per_head and request.fmt not in PER_TENSOR_FORMATS and _has_per_head(source)
     plans = plan_layers(source, resolution.convention, per_head, centered)
     warnings = list(resolution.warnings) + _source_warnings(
         source, request.fmt, per_head, request.k_centering
@@ -192,7 +206,7 @@ def _has_per_head(source: KVSource) -> bool:
 def _source_warnings(source: KVSource, fmt: str, per_head: bool, k_centering: str) -> list[str]:
     warnings = []
     if _has_per_head(source) and not per_head:
-        why = "modelopt stores one scale per layer" if fmt == "modelopt" else "--per-tensor"
+        why = f"{fmt} stores one scale per layer" if fmt in PER_TENSOR_FORMATS else "--per-tensor"
         warnings.append(f"per-head amax reduced to the per-tensor max ({why})")
     if source.rotation is not None:
         warnings.append(
@@ -293,6 +307,11 @@ def _export_folder(
 ) -> ExportResult:
     ckpt = load_checkpoint(model_dir)
     family = _quant_family(ckpt)
+    if request.fmt == "fp8" and family != "fp8":
+        raise FP4KVError(
+            f"--format fp8 merges into a transformers fine-grained FP8 checkpoint (quant_method fp8); {model_dir} "
+            f"is {family or 'not quantized'}: export --format {family if family in FORMATS else 'modelopt'} instead"
+        )
     if family is not None and family != request.fmt:
         raise FP4KVError(
             f"{model_dir} is already {family}-quantized; export --format "
@@ -337,6 +356,10 @@ def _export_folder(
                 "FP8 weights + NVFP4 KV in config.json: SGLang's flat modelopt_fp8 parser cannot read an "
                 "NVFP4 kv_cache_scheme; remove quantization_config from config.json to use hf_quant_config.json"
             )
+    elif request.fmt == "fp8":  # the checkpoint's own quantization_config loads the scales as it is
+        tensors = compressed_tensors.scale_tensors(plans, prefix, per_head=False)
+        quant_config = None
+        qkv_quantized = False
     else:
         tensors = compressed_tensors.scale_tensors(plans, prefix, per_head)
         quant_config = compressed_tensors.quantization_config(ckpt.quantization_config, per_head)

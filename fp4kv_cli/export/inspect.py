@@ -250,6 +250,12 @@ def _declares_kv(ckpt: Checkpoint) -> bool:
     return bool(hf.get("kv_cache_quant_algo") or qc.get("kv_cache_scheme") or qc.get("kv_cache_quant_algo"))
 
 
+def _loads_kv(ckpt: Checkpoint) -> bool:
+    """Whether engines load KV scales of this checkpoint: it declares KV quantization, or it is
+    ``quant_method: fp8``, whose ``Fp8Config`` attaches a KV scale loader to every attention."""
+    return _declares_kv(ckpt) or (ckpt.quantization_config or {}).get("quant_method") == "fp8"
+
+
 def _modelopt_without_algo(ckpt: Checkpoint) -> bool:
     """ModelOpt metadata only in hf_quant_config.json, with no weight algorithm (engines skip it)."""
     hf = (ckpt.hf_quant_config or {}).get("quantization") or {}
@@ -262,7 +268,7 @@ def _checkpoint_hazards(ckpt: Checkpoint, layers: list[dict[str, Any]]) -> list[
     if not have:
         what = "declares KV quantization but has no KV scales" if _declares_kv(ckpt) else "has no KV scales"
         hazards.append(f"{what}: SGLang, vLLM and TRT-LLM silently use scale 1.0 (implied amax 448)")
-    elif not _declares_kv(ckpt):
+    elif not _loads_kv(ckpt):
         hazards.append(
             "KV scale tensors but no KV quantization config (kv_cache_quant_algo / kv_cache_scheme): "
             "SGLang attaches no KV scale loader and uses 1.0; vLLM refuses to load the checkpoint"

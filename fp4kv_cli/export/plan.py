@@ -149,6 +149,18 @@ def consumer_view(
                 "with BF16 QKV weights kv_scales stay 1.0",
             )
         return ConsumerView(consumer, True, "reads k_proj.k_scale / v_proj.v_scale via the ModelOpt config")
+    if fmt == "fp8":
+        if engine in ("vllm", "sglang"):
+            return ConsumerView(
+                consumer,
+                True,
+                "Fp8Config (quant_method fp8) attaches Fp8KVCacheMethod: loads self_attn.k_scale/v_scale",
+            )
+        return ConsumerView(
+            consumer,
+            False,
+            f"{engine} reads KV scales of ModelOpt checkpoints (kv_cache_quant_algo); quant_method fp8 declares none",
+        )
     if fmt == "compressed-tensors":
         if engine == "vllm":
             return ConsumerView(
