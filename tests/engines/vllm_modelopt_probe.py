@@ -20,13 +20,13 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import torch  # noqa: E402
-import vllm._custom_ops as ops  # noqa: E402
-from vllm import LLM  # noqa: E402
-from vllm.model_executor.model_loader import base_loader  # noqa: E402
+import torch
+import vllm._custom_ops as ops
+from vllm import LLM
+from vllm.model_executor.model_loader import base_loader
 
 
-class Loaded(Exception):  # noqa: N818  # not an error: the probe's stop signal
+class Loaded(Exception):  # not an error: the probe's stop signal
     """Raised once the weights are loaded and processed, carrying the model."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -69,7 +69,10 @@ def main(model_dir: str, result_path: str, dtype: str = "float16") -> None:
                 "v_scale": module._v_scale_float,
             }
         elif name.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj")):
-            result["linear"][name] = {"method": type(module.quant_method).__name__, "dtype": str(module.weight.dtype)}
+            result["linear"][name] = {
+                "method": type(module.quant_method).__name__,
+                "dtype": str(module.weight.dtype),
+            }
     Path(result_path).write_text(json.dumps(result, indent=2))
 
 
