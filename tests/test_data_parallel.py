@@ -21,7 +21,8 @@ from fp4kv_cli.evaluate.data_parallel import Ranks
 
 REPO = Path(__file__).resolve().parent.parent
 cli = CliRunner()
-FAST = ["--num-fewshot", "1", "--max-new-tokens", "8", "--device", "cpu", "--batch-size", "2", "--limit", "7"]
+FAST = ["--num-fewshot", "1", "--max-new-tokens", "8", "--device", "cpu", "--limit", "7"]
+BATCH = ["--batch-size", "2"]
 
 
 def _single(args: list[str], out: Path) -> Path:
@@ -76,7 +77,7 @@ def test_killed_greedy_run_resumes_into_the_single_process_folder(
     launch with --resume scores only what is missing, and the folder equals a one-process run's."""
     kv_dtypes = ["bf16", "nvfp4", "fp8"]
     args = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--kv-dtype", ",".join(kv_dtypes),
-            "--fidelity-samples", "2", *FAST]  # fmt: skip
+            "--fidelity-samples", "2", *FAST, *BATCH]  # fmt: skip
     single = _single(args, tmp_path / "single")
     killed = _torchrun(args, tmp_path / "dp", [str(REPO / "tests" / "dp_killer.py")],
                        FP4KV_TEST_KILL_RANK="1", FP4KV_TEST_KILL_AT="3")  # fmt: skip
@@ -92,7 +93,6 @@ def test_killed_greedy_run_resumes_into_the_single_process_folder(
     resumed = _torchrun([*args, "--resume"], tmp_path / "dp")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(single, run)
-    assert json.loads((run / "summary.json").read_text())["sessions"] == 2
     for kv in kv_dtypes:  # the killed session's records are kept, not scored again (same seconds)
         kept = {r["index"]: r for r in _lines(run / f"samples-{kv}.jsonl")}
         for (name, index), record in before.items():
@@ -102,6 +102,7 @@ def test_killed_greedy_run_resumes_into_the_single_process_folder(
 
 @pytest.mark.slow
 def test_sampled_run_equals_the_single_process_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Automatic batch (the ranks agree on one plan): 21 rows in batches of 16 and 5."""
     args = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--kv-dtype", "bf16,nvfp4", "--no-fidelity",
             "--samples", "3", "--temperature", "0.8", "--top-p", "0.9", *FAST]  # fmt: skip
     single = _single(args, tmp_path / "single")
@@ -109,12 +110,24 @@ def test_sampled_run_equals_the_single_process_run(tiny_llama_dir: Path, tmp_pat
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "results in" in launched.stdout
     _assert_same_run(single, tmp_path / "dp" / "r")
+    summary = json.loads((tmp_path / "dp" / "r" / "summary.json").read_text())
+    assert summary["batch_size"] == "auto" and summary["results"]["nvfp4"]["batch_size"] == 16
 
 
 def test_one_process_resumes_what_a_parallel_run_left(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """The shards of a killed 2-process session (one ending in a line cut short) are folded in by
     a one-process --resume: their records are kept, the rest scored, the file in row order."""
-    args = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--kv-dtype", "nvfp4", "--no-fidelity", *FAST]
+    args = [
+        "eval",
+        "gsm8k",
+        "--model",
+        str(tiny_llama_dir),
+        "--kv-dtype",
+        "nvfp4",
+        "--no-fidelity",
+        *FAST,
+        *BATCH,
+    ]
     reference = _single(args, tmp_path / "ref")
     records = _lines(reference / "samples-nvfp4.jsonl")
     run = _single(args, tmp_path / "run")
@@ -154,7 +167,7 @@ def test_launch_environment_checks(
     assert Ranks(1, 2, 1).device("cpu") == torch.device("cpu")
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
-    base = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--out", str(tmp_path), *FAST]
+    base = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--out", str(tmp_path), *FAST, *BATCH]
     for extra, message in (
         (["--device-map", "auto"], "--device-map"),
         (["--engine", "vllm"], "without torchrun"),

@@ -247,7 +247,8 @@ def _run_gsm8k(settings: EvalSettings, console: Console, ranks: Ranks) -> dict[s
             len(prompt_ids) * settings.samples,
             settings.prefill_chunk,
         )
-        batches[kv] = min(ranks.gather(automatic), key=_batch)  # one batch for all ranks: the smallest
+        # an automatic batch: every rank takes the smallest of the ranks' plans (a given one is shared)
+        batches[kv] = automatic if settings.batch_size else min(ranks.gather(automatic), key=_batch)
         if isinstance(batches[kv], BatchPlan) and batches[kv].free_bytes is not None:
             auto = batches[kv]
             console.print(f"{kv}: batch {auto.batch} ({auto.free_bytes / 2**30:.1f} GiB free, "
