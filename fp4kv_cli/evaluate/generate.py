@@ -105,7 +105,7 @@ def generate_batch(
     tokens, counts = generate_tokens(
         model, tokenizer, prompt_ids, cache, config, decode, prefill_chunk, sampler
     )
-    return _continuations(tokenizer, tokens, counts, stops)
+    return continuations(tokenizer, tokens, counts, stops)
 
 
 def generate_tokens(
@@ -170,7 +170,7 @@ def generate_tokens(
     return generated, generated.shape[1] - _trailing(generated, ends)
 
 
-def _continuations(
+def continuations(
     tokenizer: Any, tokens: torch.Tensor, counts: torch.Tensor, stops: Sequence[str]
 ) -> list[Continuation]:
     """Each row of ``tokens [batch, n]`` kept to its ``counts`` tokens, decoded and cut at ``stops``."""

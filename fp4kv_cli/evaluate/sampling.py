@@ -80,9 +80,9 @@ def row_keys(
 
 def uniforms(keys: torch.Tensor, step: torch.Tensor | int, tokens: torch.Tensor) -> torch.Tensor:
     """Float32 uniforms in (0, 1) of vocabulary ids ``tokens`` (``[rows, c]`` int64, or ``[c]``
-    for every row) for each row's ``key`` at generation ``step`` (an int or a ``[1]`` int64
-    device tensor): ``[rows, c]``."""
-    step = torch.as_tensor(step, dtype=torch.long, device=keys.device).reshape(-1)[:1]
+    for every row) for each row's ``key`` at generation ``step`` (an int, a ``[1]`` int64 device
+    tensor for every row, or ``[rows]``: each row's own step): ``[rows, c]``."""
+    step = torch.as_tensor(step, dtype=torch.long, device=keys.device).reshape(-1)
     state = hash32(keys ^ hash32(step + STEP_SALT))[:, None]  # [rows, 1]
     bits = hash32(state ^ hash32(tokens + TOKEN_SALT)) >> 8  # 24 bits: exact in float32
     return (bits.float() + 0.5) * (1.0 / (1 << 24))

@@ -205,9 +205,9 @@ def _run_steps(
     replay: Callable[[], None] = step
     while done < max_new_tokens:
         if graph and done == 1:
-            replay = _on_side_stream(step)  # warm-up, as CUDA graph capture wants it
+            replay = on_side_stream(step)  # warm-up, as CUDA graph capture wants it
         elif graph and done == 2:
-            replay = _capture(step)
+            replay = capture(step)
         replay()
         done += 1
         if done % CHECK_EVERY == 0 and all_stopped(done):
@@ -215,7 +215,7 @@ def _run_steps(
     return done
 
 
-def _on_side_stream(step: Callable[[], None]) -> Callable[[], None]:
+def on_side_stream(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` run on a side stream that the current stream then waits for."""
 
     def run() -> None:
@@ -228,7 +228,7 @@ def _on_side_stream(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def _capture(step: Callable[[], None]) -> Callable[[], None]:
+def capture(step: Callable[[], None]) -> Callable[[], None]:
     """A CUDA graph of ``step`` (capturing runs nothing); returns its replay."""
     cuda_graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()

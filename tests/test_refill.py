@@ -1,0 +1,229 @@
+"""Refilled static decode (continuous batching) against the batch path: every question's tokens.
+
+The decode steps read the cache's buffers through a stand-in for the Triton kernel: a PyTorch
+reader that dequantizes every slot with the layer's methods and attends under the step's mask
+(the interpreted kernel takes minutes for these step counts on a CPU). One test runs the
+interpreted kernel itself, at a small size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fp4kv_cli import fused_attention
+from fp4kv_cli.cache import QuantKVCache
+from fp4kv_cli.evaluate import static_decode
+from fp4kv_cli.evaluate.generate import generate_batch, generate_tokens, greedy_config
+from fp4kv_cli.evaluate.refill import RefillCounts, SlotStops, generate_refilled, refill_refusal
+from fp4kv_cli.evaluate.sampling import RowSampler, SamplingSpec, row_keys
+from fp4kv_cli.quant.methods import LayerScales
+from fp4kv_cli.quant.registry import get_kv_cache_method
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+NEW_TOKENS = 12
+TEXTS = ("Question: 2+3?\nAnswer:", "Hi", "A longer prompt, 7*8=", "abc", "The quick brown fox", "x=1; y=",
+         "Zebra!")  # fmt: skip
+STOPS = ["Question:", "\n\n"]
+
+
+def torch_reader() -> SimpleNamespace:
+    """A decode-attention "kernel" module in PyTorch: every slot dequantized by the layout's
+    method, fp32 attention under the mask (what the Triton kernel computes, up to rounding)."""
+    from fp4kv_cli.quant.kernels.decode_attention import FORMAT_IDS, KVSource
+
+    def values(source: KVSource, dtype: torch.dtype) -> torch.Tensor:
+        method = get_kv_cache_method(source.fmt, dtype=source.data.dtype) if source.fmt == "bf16" else (
+            get_kv_cache_method(source.fmt))  # fmt: skip
+        return method.dequantize(source.data, source.block_scales, None, source.tensor_scale, torch.float32)
+
+    def decode_attention(q, k, v, length, capacity, mask, scale, num_splits=None):  # noqa: ANN001, ANN202
+        batch, q_heads, dim = q.shape
+        keys = values(k, q.dtype).view(batch, capacity, -1, dim)[:, :length].permute(0, 2, 3, 1)
+        vals = values(v, q.dtype).view(batch, capacity, -1, dim)[:, :length].transpose(1, 2)
+        query = q.float().view(batch, keys.shape[1], -1, dim)  # [batch, kv heads, group, dim]
+        scores = torch.matmul(query, keys) * scale  # [batch, kv heads, group, length]
+        if mask is not None:
+            scores = scores.masked_fill(~mask.expand(batch, length)[:, None, None, :], -math.inf)
+        return torch.matmul(scores.softmax(-1), vals).reshape(batch, q_heads, dim).to(q.dtype)
+
+    def can_read(fmt, buffer_dtype, model_dtype, head_dim, device):  # noqa: ANN001, ANN202
+        return fmt in FORMAT_IDS and (fmt != "bf16" or buffer_dtype == model_dtype)
+
+    return SimpleNamespace(KVSource=KVSource, decode_attention=decode_attention, can_read=can_read, INTERPRETED=True)
+
+
+@pytest.fixture
+def reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels = torch_reader()
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: kernels)
+
+
+def cache_maker(model: torch.nn.Module, fmt: str, center: bool = True):  # noqa: ANN201
+    """``capacity -> cache`` of ``fmt`` with static scales and (``center``) K offsets."""
+    layers = model.config.num_hidden_layers
+    method = get_kv_cache_method(fmt, dtype=torch.float32) if fmt == "bf16" else get_kv_cache_method(fmt)
+    scales = LayerScales(k=torch.linspace(0.004, 0.01, layers), v=torch.linspace(0.001, 0.003, layers))
+    heads, dim = model.config.num_key_value_heads, model.config.head_dim
+    offsets = torch.randn(layers, heads, dim, generator=torch.Generator().manual_seed(3)) * 0.1 if center else None
+
+    def make(capacity: int) -> QuantKVCache:
+        return QuantKVCache.for_model(model.config, method, scales if method.uses_tensor_scale else None,
+                                      k_offsets=offsets, capacity_hint=capacity)  # fmt: skip
+
+    return make
+
+
+def load(folder: Path):  # noqa: ANN201
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.unk_token
+    return model, tokenizer, [tokenizer(text).input_ids for text in TEXTS]
+
+
+def batch_path(model, tokenizer, prompts, make, config, batch, sampler_of=None):  # noqa: ANN001, ANN201
+    """Each prompt's continuation on the batch path, batches of ``batch`` in the given order."""
+    out = []
+    for first in range(0, len(prompts), batch):
+        group = prompts[first : first + batch]
+        sampler = None if sampler_of is None else sampler_of(range(first, first + len(group)))
+        out += generate_batch(model, tokenizer, group, make(max(map(len, group)) + config.max_new_tokens),
+                              config, STOPS, "graph", sampler=sampler)  # fmt: skip
+    return out
+
+
+def refilled(model, tokenizer, prompts, make, config, batch, sampler=None, counts=None):  # noqa: ANN001, ANN201
+    out: dict[int, object] = {}
+    for items, texts, stats in generate_refilled(model, tokenizer, prompts, make, config, STOPS, batch,
+                                                 sampler=sampler, counts=counts):  # fmt: skip
+        assert len(items) == len(texts) == len(stats)
+        assert not set(items) & set(out)
+        out.update(zip(items, texts))
+    assert sorted(out) == list(range(len(prompts)))
+    return [out[i] for i in range(len(prompts))]
+
+
+def early_eos(model, tokenizer, prompts, make, config) -> None:  # noqa: ANN001
+    """Make the "EOS" tokens the model really emits at different steps, so rows end early."""
+    tokens, _ = generate_tokens(model, tokenizer, prompts, make(64), config, "graph")
+    config.eos_token_id = sorted({int(tokens[0, 3]), int(tokens[3, 1]), int(tokens[6, 5])})
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4", "blockfp4"])
+def test_refilled_rows_equal_the_batch_path(
+    tiny_llama_dir: Path, fmt: str, reader: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every question's continuation (text, raw text, token count) through refilled slots is the
+    batch path's, for several slot counts and prompt orders, K centering on; rows end at
+    different steps (EOS and budget), and the refilled run computes fewer slot-steps."""
+    monkeypatch.setattr(static_decode, "CHECK_EVERY", 4)
+    model, tokenizer, prompts = load(tiny_llama_dir)
+    make = cache_maker(model, fmt)
+    config = greedy_config(model, tokenizer, NEW_TOKENS, STOPS)
+    early_eos(model, tokenizer, prompts, make, config)
+    want = batch_path(model, tokenizer, prompts, make, config, 3)
+    lengths = sorted({row.new_tokens for row in want})
+    assert len(lengths) > 2 and lengths[-1] == NEW_TOKENS  # rows stop at different points
+    for batch, order in ((3, range(7)), (2, [6, 5, 4, 3, 2, 1, 0]), (4, [3, 0, 6, 1, 5, 2, 4])):
+        order = list(order)
+        counts = RefillCounts()
+        got = refilled(model, tokenizer, [prompts[i] for i in order], make, config, batch, counts=counts)
+        assert [got[order.index(i)] for i in range(7)] == want, (batch, order)
+        assert counts.rows == 7 and counts.kept_tokens == sum(row.new_tokens for row in want)
+        assert counts.prefills > 1
+    batch_steps = sum(3 * (max(r.new_tokens for r in want[f : f + 3]) - 1) for f in (0, 3, 6))
+    assert counts.slot_steps < batch_steps * 4 / 3
+
+
+def test_refilled_sampling_draws_each_rows_own_tokens(tiny_llama_dir: Path, reader: None) -> None:
+    """Sampled rows keyed by (seed, question, sample) draw the batch path's tokens when refilled."""
+    model, tokenizer, prompts = load(tiny_llama_dir)
+    make = cache_maker(model, "nvfp4")
+    config = greedy_config(model, tokenizer, NEW_TOKENS, STOPS)
+    early_eos(model, tokenizer, prompts, make, config)
+    spec = SamplingSpec(temperature=1.5, top_p=0.9, seed=4)
+
+    def sampler_of(items) -> RowSampler:  # noqa: ANN001
+        items = list(items)
+        return RowSampler(spec, row_keys(spec.seed, items, [1] * len(items)))
+
+    want = batch_path(model, tokenizer, prompts, make, config, 4, sampler_of)
+    greedy = batch_path(model, tokenizer, prompts, make, config, 4)
+    assert want != greedy
+    got = refilled(model, tokenizer, prompts, make, config, 3, sampler_of(range(7)))
+    assert got == want
+
+
+def test_refill_with_the_interpreted_kernel(
+    tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Triton kernel (interpreted) reads the refilled slots as the batch path's steps do."""
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: interpreted_attention)
+    model, tokenizer, prompts = load(tiny_llama_dir)
+    prompts = prompts[:3]
+    make = cache_maker(model, "nvfp4")
+    config = greedy_config(model, tokenizer, 6, STOPS)
+    config.eos_token_id = [EOS_OF(model, tokenizer, prompts, make, config)]
+    want = batch_path(model, tokenizer, prompts, make, config, 3)
+    assert len({row.new_tokens for row in want}) > 1
+    assert refilled(model, tokenizer, prompts, make, config, 2) == want
+
+
+def EOS_OF(model, tokenizer, prompts, make, config) -> int:  # noqa: ANN001, N802
+    """A token the first row emits at its third step."""
+    tokens, _ = generate_tokens(model, tokenizer, prompts[:1], make(64), config, "graph")
+    return int(tokens[0, 2])
+
+
+def test_budget_of_one_token_and_one_slot(tiny_llama_dir: Path, reader: None) -> None:
+    """One new token: the prefill's token only, no decode step; one slot: rows one after another."""
+    model, tokenizer, prompts = load(tiny_llama_dir)
+    make = cache_maker(model, "blockfp4", center=False)
+    for budget in (1, 5):
+        config = greedy_config(model, tokenizer, budget, STOPS)
+        counts = RefillCounts()
+        got = refilled(model, tokenizer, prompts[:4], make, config, 1, counts=counts)
+        assert got == batch_path(model, tokenizer, prompts[:4], make, config, 1)
+        assert counts.prefills == 4 and (counts.steps == 0) == (budget == 1)
+
+
+def test_refill_refuses_dynamic_scales(tiny_llama_dir: Path, reader: None) -> None:
+    model, _, _ = load(tiny_llama_dir)
+    static = cache_maker(model, "nvfp4")(64)
+    assert refill_refusal(model, static) is None
+    dynamic = QuantKVCache.for_model(model.config, get_kv_cache_method("nvfp4"), None, capacity_hint=64)
+    assert "dynamic" in refill_refusal(model, dynamic)
+    assert refill_refusal(model, object()) == static_decode.static_decode_refusal(model, object())
+
+
+def test_slot_stops_follow_each_slot(smollm2_dir: Path) -> None:
+    """On a real tokenizer, ``SlotStops`` ends each slot's row at its first EOS (not counted) or
+    after the token completing a stop string (counted; one begun in the prompt too) over several
+    checks, and a restarted slot forgets its old row."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    rows = [ids(" 3 + 4") + [eos] + ids(" more words here and"), ids("\nThe answer is 5 and more"),
+            ids(" 12 apples. Question: what more")]  # fmt: skip
+    width = 8
+    rows = [(row + [eos] * width)[:width] for row in rows]
+    stops = SlotStops(3, width, [eos], tokenizer, ["Question:", "\n\n"], 0, torch.device("cpu"))
+    for row, prompt in enumerate(["Answer: ok", "Answer: ok\n", "Answer: ok"]):
+        stops.start(torch.tensor([row]), [ids(prompt)], torch.tensor([rows[row][0]]))
+        stops.history[row, stops.tail : stops.tail + width] = torch.tensor(rows[row])
+    stop_at = len(ids(" 12 apples. Question:"))
+    columns = torch.tensor([2, 3, stop_at - 1])
+    assert stops.update(columns).tolist() == [False, True, False]  # the prompt's "\n" + "\n"
+    columns = torch.tensor([width, 3, width])
+    assert stops.update(columns).tolist() == [True, True, True]
+    assert stops.counts(columns).tolist() == [len(ids(" 3 + 4")), 1, stop_at]
+    stops.start(torch.tensor([1]), [ids("Answer: ok")], torch.tensor(ids(" x")))
+    columns = torch.tensor([width, 1, width])
+    assert stops.update(columns).tolist() == [True, False, True]
+    assert stops.counts(columns).tolist() == [len(ids(" 3 + 4")), 1, stop_at]
+    assert stops.tokens(2, stop_at) == rows[2][:stop_at]
