@@ -159,6 +159,7 @@ def test_refilled_sampling_draws_each_rows_own_tokens(tiny_llama_dir: Path, read
     assert got == want
 
 
+@pytest.mark.slow
 def test_refill_with_the_interpreted_kernel(
     tiny_llama_dir: Path, interpreted_attention: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -227,3 +228,45 @@ def test_slot_stops_follow_each_slot(smollm2_dir: Path) -> None:
     assert stops.update(columns).tolist() == [True, False, True]
     assert stops.counts(columns).tolist() == [len(ids(" 3 + 4")), 1, stop_at]
     assert stops.tokens(2, stop_at) == rows[2][:stop_at]
+
+
+def test_eval_gsm8k_refills_by_default(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fp4kv eval gsm8k`` (graph decode, calibrated scales + K centering) refills rows by default
+    and records it; ``--no-refill`` runs one batch at a time; every question's output is the same.
+    Dynamic scales fall back to batches, said on the console."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fp4kv_cli.cli import app
+    from fp4kv_cli.evaluate import runner
+    from fp4kv_cli.quant.scales import config_hash
+
+    kernels = torch_reader()
+    monkeypatch.setattr(fused_attention, "decode_kernels", lambda: kernels)
+    monkeypatch.setattr(runner, "decode_kernels", lambda: kernels)
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    layers = [{"index": i, "k_amax": 3.0, "v_amax": 2.0, "k_offset": [[0.1] * 16, [-0.2] * 16]} for i in range(2)]
+    scales = {"schema": "fp4kv.scales", "version": 1, "model": {"config_hash": config_hash(config)}, "layers": layers}
+    (tmp_path / "scales.json").write_text(json.dumps(scales))
+    common = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--kv-dtype", "bf16,nvfp4", "--limit", "5",
+              "--batch-size", "2", "--no-fidelity", "--num-fewshot", "0", "--max-new-tokens", "6",
+              "--device", "cpu", "--dtype", "bf16", "--out", str(tmp_path), "--scales", str(tmp_path / "scales.json")]  # fmt: skip
+    outputs = {}
+    for name, extra in (("on", []), ("off", ["--no-refill"])):
+        result = CliRunner().invoke(app, [*common, "--run-name", name, *extra])
+        assert result.exit_code == 0, result.output
+        run = tmp_path / name
+        assert json.loads((run / "config.json").read_text())["refill"] is (name == "on"), result.output
+        summary = json.loads((run / "summary.json").read_text())
+        for kv in ("bf16", "nvfp4"):
+            assert summary["results"][kv]["refilled_rows"] == (5 if name == "on" else 0), result.output
+            records = [json.loads(line) for line in (run / f"samples-{kv}.jsonl").read_text().splitlines()]
+            assert {r["decode_attention"] for r in records} == {"static"}
+            outputs[name, kv] = {r["index"]: (r["raw_output"], r["new_tokens"]) for r in records}
+    assert outputs["on", "bf16"] == outputs["off", "bf16"] and outputs["on", "nvfp4"] == outputs["off", "nvfp4"]
+    result = CliRunner().invoke(app, [*common[:-2], "--kv-dtype", "nvfp4", "--run-name", "dynamic"])
+    assert result.exit_code == 0, result.output
+    assert "nvfp4: one batch at a time, not refilled rows: dynamic KV scales" in " ".join(result.output.split())

@@ -95,6 +95,15 @@ def gsm8k(
             "prefix, then SDPA (the CPU path).",
         ),
     ] = "graph",
+    refill: Annotated[
+        bool,
+        typer.Option(
+            "--refill/--no-refill",
+            help="With --decode-attention graph, a row that has stopped hands its slot to the next waiting "
+            "question (continuous batching; needs calibrated --scales for fp8/nvfp4) instead of waiting for "
+            "its batch's longest row; --no-refill runs one batch at a time.",
+        ),
+    ] = True,
     engine: Annotated[
         str,
         typer.Option(
@@ -185,6 +194,7 @@ def gsm8k(
         run_name=run_name,
         resume=resume,
         decode_attention=decode_attention.strip().lower(),
+        refill=refill,
         samples=samples,
         temperature=temperature,
         top_p=top_p,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from fp4kv_cli.evaluate.metrics import (
     sampled_paired_difference,
 )
 from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, row_chunk
+from fp4kv_cli.evaluate.refill import generate_refilled, refill_refusal
 from fp4kv_cli.evaluate.results import (
     RESUME_KEY_DEFAULTS,
     SampleLog,
@@ -118,6 +119,9 @@ class EvalSettings:
     run_name: str | None = None
     resume: bool = False
     decode_attention: str = "graph"
+    #: Refill finished rows' slots with waiting questions in the ``graph`` decode
+    #: (:mod:`fp4kv_cli.evaluate.refill`) where it applies; False: one batch at a time.
+    refill: bool = True
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     samples: int = 1
     temperature: float = 0.0
@@ -253,6 +257,14 @@ def _run_gsm8k(settings: EvalSettings, console: Console, ranks: Ranks) -> dict[s
             auto = batches[kv]
             console.print(f"{kv}: batch {auto.batch} ({auto.free_bytes / 2**30:.1f} GiB free, "
                           f"{auto.row_bytes / 2**20:.1f} MiB per row)", highlight=False)  # fmt: skip
+        run_pool = None
+        if settings.refill and settings.decode_attention == "graph":
+            refusal = refill_refusal(model, make_cache(kv, 1))
+            if refusal is None:
+                run_pool = _refill_runner(model, tokenizer, prompt_ids, lambda hint, kv=kv: make_cache(kv, hint),
+                                          config, stops, _batch(batches[kv]), settings, device)  # fmt: skip
+            else:
+                console.print(f"{kv}: one batch at a time, not refilled rows: {refusal}", highlight=False)
         records[kv] = _generate_all(
             console,
             kv,
@@ -273,6 +285,7 @@ def _run_gsm8k(settings: EvalSettings, console: Console, ranks: Ranks) -> dict[s
             ),
             ranks,
             clock.save if ranks.writer else lambda: None,
+            run_pool,
         )
     ranks.barrier()  # every rank's shard is complete
     if not ranks.writer:
@@ -590,6 +603,38 @@ def run_batch(
     return continuations, stats
 
 
+#: ``rows -> (rows finished, their continuations, their stats)`` as rows finish (see :func:`_refill_runner`).
+PoolRunner = Callable[
+    [list[tuple[int, int]]], Iterator[tuple[list[tuple[int, int]], list[Continuation], list[dict[str, Any]]]]
+]
+
+
+def _refill_runner(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    make_cache: Callable[[int], QuantKVCache],
+    config: Any,
+    stops: Sequence[str],
+    batch: int,
+    settings: EvalSettings,
+    device: torch.device,
+) -> PoolRunner:
+    """A :data:`PoolRunner` that generates ``(question, sample)`` rows through ``batch`` refilled
+    slots (:func:`~fp4kv_cli.evaluate.refill.generate_refilled`)."""
+    spec = settings.sampling
+
+    def run(rows: list[tuple[int, int]]) -> Iterator[tuple[list[tuple[int, int]], list[Continuation], list[dict[str, Any]]]]:
+        ids = [list(prompt_ids[i]) for i, _ in rows]
+        sampler = None if spec is None else _sampler(spec, rows, device)
+        for items, continuations, stats in generate_refilled(
+            model, tokenizer, ids, make_cache, config, stops, batch, settings.prefill_chunk, sampler
+        ):
+            yield [rows[item] for item in items], continuations, [{**row, "refill": True} for row in stats]
+
+    return run
+
+
 def _generate_all(
     console: Console,
     kv: str,
@@ -602,11 +647,13 @@ def _generate_all(
     ],
     ranks: Ranks,
     on_saved: Callable[[], object],
+    run_pool: PoolRunner | None = None,
 ) -> dict[tuple[int, int], dict[str, Any]]:
     """Score every ``(question, sample)`` with format ``kv``; those already in
     ``samples-<kv>.jsonl`` are skipped; ``on_saved()`` runs after each batch is logged. Rows go
-    longest prompt first, a question's samples together; under a data-parallel launch this rank
-    scores its share of the batches into its shard file."""
+    longest prompt first, a question's samples together, in batches of ``batch_size`` through
+    ``run_batch``, or (``run_pool``: refilled slots) all together, logged as they finish; under a
+    data-parallel launch this rank scores its share of the batches into its shard file."""
     sampled = settings.sampling is not None
     merged = samples_path(plan.run_dir, kv)
     done = SampleLog(merged, key=_record_key).load(repair=ranks.writer)
@@ -621,18 +668,34 @@ def _generate_all(
             total=len(order) - len(todo) + sum(map(len, mine)),
             completed=len(order) - len(todo),
         )
-        for batch in mine:
-            ids = [list(prompt_ids[i]) for i, _ in batch]
-            continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens, batch)
+        mine_rows = [row for batch in mine for row in batch]
+        chunks = (run_pool(mine_rows) if run_pool is not None and mine_rows
+                  else _batched(mine, prompt_ids, settings, run_batch))  # fmt: skip
+        for batch, continuations, stats in chunks:
             fresh = [
-                sample_record(i, plan.questions[i], len(prompt_ids[i]), c, stats, len(batch), k if sampled else None)
-                for (i, k), c in zip(batch, continuations)
+                sample_record(i, plan.questions[i], len(prompt_ids[i]), c, row, len(batch), k if sampled else None)
+                for (i, k), c, row in zip(batch, continuations, stats)
             ]
             log.append(fresh)
             on_saved()
             done.update((_record_key(r), r) for r in fresh)
             progress.advance(task, len(batch))
     return done
+
+
+def _batched(
+    batches: list[list[tuple[int, int]]],
+    prompt_ids: Sequence[Sequence[int]],
+    settings: EvalSettings,
+    run_batch: Callable[
+        [list[list[int]], int, list[tuple[int, int]]], tuple[list[Continuation], dict[str, Any]]
+    ],
+) -> Iterator[tuple[list[tuple[int, int]], list[Continuation], list[dict[str, Any]]]]:
+    """Each of ``batches`` through ``run_batch``, as a :data:`PoolRunner` yields finished rows."""
+    for batch in batches:
+        ids = [list(prompt_ids[i]) for i, _ in batch]
+        continuations, stats = run_batch(ids, max(map(len, ids)) + settings.max_new_tokens, batch)
+        yield batch, continuations, [{**stats, "refill": False}] * len(batch)
 
 
 def _row_order(prompt_ids: Sequence[Sequence[int]], samples: int) -> list[tuple[int, int]]:
@@ -658,7 +721,8 @@ def sample_record(
 ) -> dict[str, Any]:
     """The ``samples-<kv>.jsonl`` record of question ``index`` (its ``sample``-th sample; None:
     greedy): the continuation ``c``, its strict and flexible answers and their scores, and its
-    share of the batch's ``stats`` (from :func:`run_batch`; ``seconds`` over ``batch`` rows)."""
+    share of the batch's ``stats`` (from :func:`run_batch`, or a refilled run's rows handed out
+    together; ``seconds`` over ``batch`` rows)."""
     strict, flexible = gsm8k.extract_strict(c.text), gsm8k.extract_flexible(c.text)
     return {
         "index": index,
@@ -681,6 +745,7 @@ def sample_record(
         "peak_gpu_bytes": stats["peak_gpu_bytes"],
         "decode_attention": stats["decode_attention"],
         "prefill_row_chunk": stats["prefill_row_chunk"],
+        "refill": stats.get("refill", False),
     }
 
 
@@ -753,6 +818,7 @@ def _summary(
             "peak_gpu_bytes": max(peaks) if peaks else None,
             "decode_attention": sorted({r.get("decode_attention", OLD_DECODE_ATTENTION) for r in rows}),
             "batch_size": _batch(batches[kv]),
+            "refilled_rows": sum(bool(r.get("refill")) for r in rows),
             "auto_batch": asdict(batches[kv]) if isinstance(batches[kv], BatchPlan) else None,
             "fidelity": fidelity[kv].to_dict() if kv in fidelity else None,
         }
