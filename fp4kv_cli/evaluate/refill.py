@@ -3,8 +3,8 @@
 :func:`~fp4kv_cli.evaluate.static_decode.greedy_static` runs one batch until its longest row
 stops, so every row that stopped earlier is computed, to no use, until then. Here a pool of
 prompts runs through ``batch`` slots of one :class:`~fp4kv_cli.cache.QuantKVCache`: every
-:data:`~fp4kv_cli.evaluate.static_decode.CHECK_EVERY` steps the host looks for slots whose row
-has stopped (EOS, a stop string, the token budget), hands their tokens out, and prefills the
+:data:`~fp4kv_cli.evaluate.static_decode.CHECK_EVERY` steps (sooner when a row reaches the token
+budget) the host looks for slots whose row has stopped (EOS, a stop string, the token budget), hands their tokens out, and prefills the
 next waiting prompts into those slots, while the other slots keep their state and go on decoding.
 
 Each slot has its own write position, rotary position, output column and mask row (device
@@ -42,6 +42,10 @@ from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill, r
 from fp4kv_cli.evaluate.sampling import RowSampler, sample_next
 from fp4kv_cli.fused_attention import fusable, fused_decode
 from fp4kv_cli.models import cache_argument, input_device
+
+#: A refill prefills at most ``batch / REFILL_SHARE`` rows at a time (more in several prefills), so
+#: its fresh cache and the prefill's read buffers stay a small share of the slots' cache.
+REFILL_SHARE = 8
 
 
 def refill_refusal(model: Any, cache: Any, device: torch.device | None = None) -> str | None:
@@ -262,14 +266,18 @@ def refill_static(
             state.advance(choose(out[:, -1], state.columns, state.keys))
 
         def refill(free: list[int]) -> None:
-            """Prefill waiting prompts into slots ``free`` (outside the captured step)."""
+            """Prefill waiting prompts into slots ``free`` (outside the captured step), at most
+            ``batch / REFILL_SHARE`` of them per prefill."""
             items = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
             for row in free[len(items) :]:  # nothing waits for these: they idle, frozen
                 item_of[row] = None
                 state.columns[row] = budget
-            if not items:
-                return
-            taken = free[: len(items)]
+            group = max(1, batch // REFILL_SHARE)
+            for first in range(0, len(items), group):
+                prefill_into(free[first : first + group], items[first : first + group])
+
+        def prefill_into(taken: list[int], items: list[int]) -> None:
+            """Prefill ``items`` in a fresh cache and move their stored bytes into slots ``taken``."""
             group_ids, group_mask = left_pad([prompts[i] for i in items], pad_id, device)
             width = group_ids.shape[1]
             fresh = make_cache(width)
@@ -299,11 +307,11 @@ def refill_static(
 
         cache.begin_static_decode(state.slots)
         replay: Callable[[], None] = step
-        since_check, live = 0, budget > 1
+        since_check, next_check = 0, min(static_decode.CHECK_EVERY, budget - 1)
         clock = time.perf_counter()
         try:
             while True:
-                if since_check >= static_decode.CHECK_EVERY or not live:
+                if since_check >= next_check:
                     since_check = 0
                     stopped = row_stops.update(state.columns)
                     done = (stopped | (state.columns >= budget)).tolist()
@@ -324,8 +332,11 @@ def refill_static(
                         refill(free)
                     if all(item is None for item in item_of):
                         break
-                    live = bool((state.columns < budget).any())
-                    if not live:  # every row is full (a budget of one token): hand them out first
+                    # The next check: after CHECK_EVERY steps, or as soon as a row reaches the budget.
+                    columns = state.columns.tolist()
+                    next_check = min(static_decode.CHECK_EVERY,
+                                     *(budget - columns[row] for row in range(batch) if item_of[row] is not None))  # fmt: skip
+                    if next_check <= 0:  # a row is full already (a budget of one token): hand it out first
                         continue
                 if graph and counts.steps == 0:
                     run = static_decode.on_side_stream(step)  # warm-up, as CUDA graph capture wants it
