@@ -151,7 +151,7 @@ def _report(ours: dict[str, Any], theirs: dict[str, Any], ours_peak: dict[str, A
     fp4kv = side(mine, ours, ours_peak, f"fp4kv {kv}" + (" +center" if mine.get("k_centering") else ""))
     fp4kv.update(batch_size=mine["batch_size"], decode_attention=mine["decode_attention"],
                  refilled_rows=mine.get("refilled_rows"), peak_gpu_bytes_batches=mine["peak_gpu_bytes"])  # fmt: skip
-    vllm = side(engine, theirs, theirs_peak, f"vLLM {engine['engine']['kv_cache_dtype']}")
+    vllm = side(engine, theirs, theirs_peak, f"vLLM {engine['engine']['kv_cache_dtype']} KV, {theirs['dtype']} model")
     vllm.update(engine=engine["engine"], gpu_memory_utilization=settings.vllm_gpu_memory)
     seconds = vllm["generation_seconds"]
     return {

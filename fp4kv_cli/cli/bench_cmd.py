@@ -221,7 +221,8 @@ def _eval_table(report: dict) -> Table:
     for key in ("fp4kv", "vllm"):
         r = report[key]
         batching = (f"batch {r['batch_size']}, {'/'.join(r['decode_attention'])}, refilled {r['refilled_rows']}"
-                    if key == "fp4kv" else f"vLLM scheduler, gpu_memory_utilization {r['gpu_memory_utilization']}")  # fmt: skip
+                    if key == "fp4kv" else "vLLM's scheduler" + (f", gpu_memory_utilization {r['gpu_memory_utilization']}"
+                                                        if r["engine"]["platform"] == "cuda" else ""))  # fmt: skip
         table.add_row(
             r["label"],
             f"{r['generation_seconds']:.1f}",

