@@ -29,12 +29,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import torch
+from rich.console import Console
+from rich.table import Table
 
-from fp4kv_cli import fused_attention  # noqa: E402
-from fp4kv_cli.quant.registry import get_kv_cache_method  # noqa: E402
+from fp4kv_cli import fused_attention
+from fp4kv_cli.quant.registry import get_kv_cache_method
 
 
 def torch_reader() -> SimpleNamespace:
@@ -63,7 +63,9 @@ def torch_reader() -> SimpleNamespace:
                  device: torch.device) -> bool:  # fmt: skip
         return fmt in FORMAT_IDS and (fmt != "bf16" or buffer_dtype == model_dtype)
 
-    return SimpleNamespace(KVSource=KVSource, decode_attention=decode_attention, can_read=can_read, INTERPRETED=True)
+    return SimpleNamespace(
+        KVSource=KVSource, decode_attention=decode_attention, can_read=can_read, INTERPRETED=True
+    )
 
 
 def tiny_model() -> tuple[Any, Any]:
@@ -103,7 +105,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     prompt_ids = [prompt_ids[i] for i in order]
     stops = list(gsm8k.STOP_SEQUENCES) + ([tokenizer.eos_token] if tokenizer.eos_token else [])
     config = greedy_config(model, tokenizer, args.max_new_tokens, stops)
-    method = get_kv_cache_method(args.kv)
+    dtype = next(model.parameters()).dtype
+    method = get_kv_cache_method(args.kv, dtype=dtype) if args.kv == "bf16" else get_kv_cache_method(args.kv)
     if method.uses_tensor_scale:
         raise SystemExit(f"error: --kv {args.kv} needs calibrated scales; use bf16 or blockfp4 here")
 
@@ -177,7 +180,9 @@ def table(report: dict[str, Any]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     """Command line: measure both paths, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="model folder or .gguf, or 'tiny' (random 2-layer Llama)")
+    parser.add_argument(
+        "--model", default="tiny", help="model folder or .gguf, or 'tiny' (random 2-layer Llama)"
+    )
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)

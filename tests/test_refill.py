@@ -42,7 +42,7 @@ def torch_reader() -> SimpleNamespace:
             get_kv_cache_method(source.fmt))  # fmt: skip
         return method.dequantize(source.data, source.block_scales, None, source.tensor_scale, torch.float32)
 
-    def decode_attention(q, k, v, length, capacity, mask, scale, num_splits=None):  # noqa: ANN001, ANN202
+    def decode_attention(q, k, v, length, capacity, mask, scale, num_splits=None):
         batch, q_heads, dim = q.shape
         keys = values(k, q.dtype).view(batch, capacity, -1, dim)[:, :length].permute(0, 2, 3, 1)
         vals = values(v, q.dtype).view(batch, capacity, -1, dim)[:, :length].transpose(1, 2)
@@ -52,10 +52,12 @@ def torch_reader() -> SimpleNamespace:
             scores = scores.masked_fill(~mask.expand(batch, length)[:, None, None, :], -math.inf)
         return torch.matmul(scores.softmax(-1), vals).reshape(batch, q_heads, dim).to(q.dtype)
 
-    def can_read(fmt, buffer_dtype, model_dtype, head_dim, device):  # noqa: ANN001, ANN202
+    def can_read(fmt, buffer_dtype, model_dtype, head_dim, device):
         return fmt in FORMAT_IDS and (fmt != "bf16" or buffer_dtype == model_dtype)
 
-    return SimpleNamespace(KVSource=KVSource, decode_attention=decode_attention, can_read=can_read, INTERPRETED=True)
+    return SimpleNamespace(
+        KVSource=KVSource, decode_attention=decode_attention, can_read=can_read, INTERPRETED=True
+    )
 
 
 @pytest.fixture
@@ -64,13 +66,15 @@ def reader(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused_attention, "decode_kernels", lambda: kernels)
 
 
-def cache_maker(model: torch.nn.Module, fmt: str, center: bool = True):  # noqa: ANN201
+def cache_maker(model: torch.nn.Module, fmt: str, center: bool = True):
     """``capacity -> cache`` of ``fmt`` with static scales and (``center``) K offsets."""
     layers = model.config.num_hidden_layers
     method = get_kv_cache_method(fmt, dtype=torch.float32) if fmt == "bf16" else get_kv_cache_method(fmt)
     scales = LayerScales(k=torch.linspace(0.004, 0.01, layers), v=torch.linspace(0.001, 0.003, layers))
     heads, dim = model.config.num_key_value_heads, model.config.head_dim
-    offsets = torch.randn(layers, heads, dim, generator=torch.Generator().manual_seed(3)) * 0.1 if center else None
+    offsets = (
+        torch.randn(layers, heads, dim, generator=torch.Generator().manual_seed(3)) * 0.1 if center else None
+    )
 
     def make(capacity: int) -> QuantKVCache:
         return QuantKVCache.for_model(model.config, method, scales if method.uses_tensor_scale else None,
@@ -79,14 +83,14 @@ def cache_maker(model: torch.nn.Module, fmt: str, center: bool = True):  # noqa:
     return make
 
 
-def load(folder: Path):  # noqa: ANN201
+def load(folder: Path):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.pad_token = tokenizer.unk_token
     return model, tokenizer, [tokenizer(text).input_ids for text in TEXTS]
 
 
-def batch_path(model, tokenizer, prompts, make, config, batch, sampler_of=None):  # noqa: ANN001, ANN201
+def batch_path(model, tokenizer, prompts, make, config, batch, sampler_of=None):
     """Each prompt's continuation on the batch path, batches of ``batch`` in the given order."""
     out = []
     for first in range(0, len(prompts), batch):
@@ -97,7 +101,7 @@ def batch_path(model, tokenizer, prompts, make, config, batch, sampler_of=None):
     return out
 
 
-def refilled(model, tokenizer, prompts, make, config, batch, sampler=None, counts=None):  # noqa: ANN001, ANN201
+def refilled(model, tokenizer, prompts, make, config, batch, sampler=None, counts=None):
     out: dict[int, object] = {}
     for items, texts, stats in generate_refilled(model, tokenizer, prompts, make, config, STOPS, batch,
                                                  sampler=sampler, counts=counts):  # fmt: skip
@@ -108,36 +112,54 @@ def refilled(model, tokenizer, prompts, make, config, batch, sampler=None, count
     return [out[i] for i in range(len(prompts))]
 
 
-def early_eos(model, tokenizer, prompts, make, config) -> None:  # noqa: ANN001
+def early_eos(model, tokenizer, prompts, make, config) -> None:
     """Make the "EOS" tokens the model really emits at different steps, so rows end early."""
     tokens, _ = generate_tokens(model, tokenizer, prompts, make(64), config, "graph")
     config.eos_token_id = sorted({int(tokens[0, 3]), int(tokens[3, 1]), int(tokens[6, 5])})
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4", "blockfp4"])
-def test_refilled_rows_equal_the_batch_path(
-    tiny_llama_dir: Path, fmt: str, reader: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def check_refill_equals_batches(folder: Path, fmt: str, device: str) -> None:
     """Every question's continuation (text, raw text, token count) through refilled slots is the
     batch path's, for several slot counts and prompt orders, K centering on; rows end at
     different steps (EOS and budget), and the refilled run computes fewer slot-steps."""
-    monkeypatch.setattr(static_decode, "CHECK_EVERY", 4)
-    model, tokenizer, prompts = load(tiny_llama_dir)
+    model, tokenizer, prompts = load(folder)
+    model.to(device)
     make = cache_maker(model, fmt)
     config = greedy_config(model, tokenizer, NEW_TOKENS, STOPS)
     early_eos(model, tokenizer, prompts, make, config)
     want = batch_path(model, tokenizer, prompts, make, config, 3)
     lengths = sorted({row.new_tokens for row in want})
     assert len(lengths) > 2 and lengths[-1] == NEW_TOKENS  # rows stop at different points
+    counts = {}
     for batch, order in ((3, range(7)), (2, [6, 5, 4, 3, 2, 1, 0]), (4, [3, 0, 6, 1, 5, 2, 4])):
         order = list(order)
-        counts = RefillCounts()
-        got = refilled(model, tokenizer, [prompts[i] for i in order], make, config, batch, counts=counts)
+        counts[batch] = RefillCounts()
+        got = refilled(model, tokenizer, [prompts[i] for i in order], make, config, batch, counts=counts[batch])
         assert [got[order.index(i)] for i in range(7)] == want, (batch, order)
-        assert counts.rows == 7 and counts.kept_tokens == sum(row.new_tokens for row in want)
-        assert counts.prefills > 1
+        assert counts[batch].rows == 7 and counts[batch].kept_tokens == sum(row.new_tokens for row in want)
+        assert counts[batch].prefills > 1
+    # the batch path runs each batch of 3 at least until its longest row has its tokens
     batch_steps = sum(3 * (max(r.new_tokens for r in want[f : f + 3]) - 1) for f in (0, 3, 6))
-    assert counts.slot_steps < batch_steps * 4 / 3
+    assert counts[3].slot_steps < batch_steps
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4", "blockfp4"])
+def test_refilled_rows_equal_the_batch_path(
+    tiny_llama_dir: Path, fmt: str, reader: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(static_decode, "CHECK_EVERY", 4)
+    check_refill_equals_batches(tiny_llama_dir, fmt, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4", "blockfp4"])
+def test_gpu_refilled_rows_in_a_cuda_graph_equal_the_batch_path(
+    tiny_llama_dir: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same on CUDA with the compiled kernel: the refill prefill runs between replays of the
+    one captured step and changes its tensors in place."""
+    monkeypatch.setattr(static_decode, "CHECK_EVERY", 4)
+    check_refill_equals_batches(tiny_llama_dir, fmt, "cuda")
 
 
 def test_refilled_sampling_draws_each_rows_own_tokens(tiny_llama_dir: Path, reader: None) -> None:
@@ -148,7 +170,7 @@ def test_refilled_sampling_draws_each_rows_own_tokens(tiny_llama_dir: Path, read
     early_eos(model, tokenizer, prompts, make, config)
     spec = SamplingSpec(temperature=1.5, top_p=0.9, seed=4)
 
-    def sampler_of(items) -> RowSampler:  # noqa: ANN001
+    def sampler_of(items) -> RowSampler:
         items = list(items)
         return RowSampler(spec, row_keys(spec.seed, items, [1] * len(items)))
 
@@ -169,13 +191,13 @@ def test_refill_with_the_interpreted_kernel(
     prompts = prompts[:3]
     make = cache_maker(model, "nvfp4")
     config = greedy_config(model, tokenizer, 6, STOPS)
-    config.eos_token_id = [EOS_OF(model, tokenizer, prompts, make, config)]
+    config.eos_token_id = [eos_of(model, tokenizer, prompts, make, config)]
     want = batch_path(model, tokenizer, prompts, make, config, 3)
     assert len({row.new_tokens for row in want}) > 1
     assert refilled(model, tokenizer, prompts, make, config, 2) == want
 
 
-def EOS_OF(model, tokenizer, prompts, make, config) -> int:  # noqa: ANN001, N802
+def eos_of(model, tokenizer, prompts, make, config) -> int:
     """A token the first row emits at its third step."""
     tokens, _ = generate_tokens(model, tokenizer, prompts[:1], make(64), config, "graph")
     return int(tokens[0, 2])
@@ -207,7 +229,7 @@ def test_slot_stops_follow_each_slot(smollm2_dir: Path) -> None:
     after the token completing a stop string (counted; one begun in the prompt too) over several
     checks, and a restarted slot forgets its old row."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     rows = [ids(" 3 + 4") + [eos] + ids(" more words here and"), ids("\nThe answer is 5 and more"),
             ids(" 12 apples. Question: what more")]  # fmt: skip
@@ -248,8 +270,15 @@ def test_eval_gsm8k_refills_by_default(
     monkeypatch.setattr(fused_attention, "decode_kernels", lambda: kernels)
     monkeypatch.setattr(runner, "decode_kernels", lambda: kernels)
     config = json.loads((tiny_llama_dir / "config.json").read_text())
-    layers = [{"index": i, "k_amax": 3.0, "v_amax": 2.0, "k_offset": [[0.1] * 16, [-0.2] * 16]} for i in range(2)]
-    scales = {"schema": "fp4kv.scales", "version": 1, "model": {"config_hash": config_hash(config)}, "layers": layers}
+    layers = [
+        {"index": i, "k_amax": 3.0, "v_amax": 2.0, "k_offset": [[0.1] * 16, [-0.2] * 16]} for i in range(2)
+    ]
+    scales = {
+        "schema": "fp4kv.scales",
+        "version": 1,
+        "model": {"config_hash": config_hash(config)},
+        "layers": layers,
+    }
     (tmp_path / "scales.json").write_text(json.dumps(scales))
     common = ["eval", "gsm8k", "--model", str(tiny_llama_dir), "--kv-dtype", "bf16,nvfp4", "--limit", "5",
               "--batch-size", "2", "--no-fidelity", "--num-fewshot", "0", "--max-new-tokens", "6",
@@ -266,7 +295,11 @@ def test_eval_gsm8k_refills_by_default(
             records = [json.loads(line) for line in (run / f"samples-{kv}.jsonl").read_text().splitlines()]
             assert {r["decode_attention"] for r in records} == {"static"}
             outputs[name, kv] = {r["index"]: (r["raw_output"], r["new_tokens"]) for r in records}
-    assert outputs["on", "bf16"] == outputs["off", "bf16"] and outputs["on", "nvfp4"] == outputs["off", "nvfp4"]
+    assert (
+        outputs["on", "bf16"] == outputs["off", "bf16"] and outputs["on", "nvfp4"] == outputs["off", "nvfp4"]
+    )
     result = CliRunner().invoke(app, [*common[:-2], "--kv-dtype", "nvfp4", "--run-name", "dynamic"])
     assert result.exit_code == 0, result.output
-    assert "nvfp4: one batch at a time, not refilled rows: dynamic KV scales" in " ".join(result.output.split())
+    assert "nvfp4: one batch at a time, not refilled rows: dynamic KV scales" in " ".join(
+        result.output.split()
+    )

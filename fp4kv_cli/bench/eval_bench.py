@@ -127,14 +127,19 @@ def _peak() -> dict[str, Any]:
 def _report(ours: dict[str, Any], theirs: dict[str, Any], ours_peak: dict[str, Any], theirs_peak: dict[str, Any],
             settings: BenchSettings) -> dict[str, Any]:  # fmt: skip
     """Both runs side by side, the ratio of their generation seconds and the prompt check."""
-    (kv, mine), (engine_key, engine) = next(iter(ours["results"].items())), next(iter(theirs["results"].items()))
+    (kv, mine), (engine_key, engine) = (
+        next(iter(ours["results"].items())),
+        next(iter(theirs["results"].items())),
+    )
     ours_rows = SampleLog(samples_path(Path(ours["run_dir"]), kv)).load()
     theirs_rows = SampleLog(samples_path(Path(theirs["run_dir"]), engine_key)).load()
     same_prompts = sorted(ours_rows) == sorted(theirs_rows) and all(
         ours_rows[i]["prompt_tokens"] == theirs_rows[i]["prompt_tokens"] for i in ours_rows
     )
 
-    def side(result: dict[str, Any], summary: dict[str, Any], peak: dict[str, Any], label: str) -> dict[str, Any]:
+    def side(
+        result: dict[str, Any], summary: dict[str, Any], peak: dict[str, Any], label: str
+    ) -> dict[str, Any]:
         return {
             "label": label,
             "run_dir": summary["run_dir"],
@@ -151,7 +156,9 @@ def _report(ours: dict[str, Any], theirs: dict[str, Any], ours_peak: dict[str, A
     fp4kv = side(mine, ours, ours_peak, f"fp4kv {kv}" + (" +center" if mine.get("k_centering") else ""))
     fp4kv.update(batch_size=mine["batch_size"], decode_attention=mine["decode_attention"],
                  refilled_rows=mine.get("refilled_rows"), peak_gpu_bytes_batches=mine["peak_gpu_bytes"])  # fmt: skip
-    vllm = side(engine, theirs, theirs_peak, f"vLLM {engine['engine']['kv_cache_dtype']} KV, {theirs['dtype']} model")
+    vllm = side(
+        engine, theirs, theirs_peak, f"vLLM {engine['engine']['kv_cache_dtype']} KV, {theirs['dtype']} model"
+    )
     vllm.update(engine=engine["engine"], gpu_memory_utilization=settings.vllm_gpu_memory)
     seconds = vllm["generation_seconds"]
     return {

@@ -142,31 +142,49 @@ def eval_bench(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder both fp4kv and vLLM load.")],
     kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="fp4kv's KV format (one).")] = "nvfp4",
     scales: Annotated[
-        str | None, typer.Option("--scales", help="scales.json from fp4kv calibrate (K centering if it has offsets).")
+        str | None,
+        typer.Option("--scales", help="scales.json from fp4kv calibrate (K centering if it has offsets)."),
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="First N GSM8K test questions (default all 1319).")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="First N GSM8K test questions (default all 1319).")
+    ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="fp4kv's batch (default automatic, as fp4kv eval gsm8k).")
+        int | None,
+        typer.Option("--batch-size", help="fp4kv's batch (default automatic, as fp4kv eval gsm8k)."),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget per question.")] = 256,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Generation budget per question.")
+    ] = 256,
     num_fewshot: Annotated[int, typer.Option("--num-fewshot", help="Few-shot examples (lm-eval: 5).")] = 5,
     device: Annotated[str, typer.Option("--device", help="fp4kv's device: auto, cuda or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype of both runs: auto, bf16, fp16, fp32.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Model dtype of both runs: auto, bf16, fp16, fp32.")
+    ] = "auto",
     prefill_chunk: Annotated[
-        int | None, typer.Option("--prefill-chunk", help="fp4kv's prefill tokens per forward (default 16384).")
+        int | None,
+        typer.Option("--prefill-chunk", help="fp4kv's prefill tokens per forward (default 16384)."),
     ] = None,
     refill: Annotated[
-        bool, typer.Option("--refill/--no-refill", help="fp4kv refills finished rows (default) or runs batches.")
+        bool,
+        typer.Option("--refill/--no-refill", help="fp4kv refills finished rows (default) or runs batches."),
     ] = True,
     vllm_kv_dtype: Annotated[
-        str, typer.Option("--vllm-kv-dtype", help="vLLM kv_cache_dtype: auto (the model dtype), bfloat16 or fp8.")
+        str,
+        typer.Option("--vllm-kv-dtype", help="vLLM kv_cache_dtype: auto (the model dtype), bfloat16 or fp8."),
     ] = "auto",
     vllm_eager: Annotated[
         bool | None,
-        typer.Option("--vllm-eager/--vllm-compiled", help="vLLM eager or compiled + CUDA graphs (default: eager on CPU only)."),
+        typer.Option(
+            "--vllm-eager/--vllm-compiled",
+            help="vLLM eager or compiled + CUDA graphs (default: eager on CPU only).",
+        ),
     ] = None,
-    vllm_gpu_memory: Annotated[float, typer.Option("--vllm-gpu-memory", help="vLLM gpu_memory_utilization.")] = 0.85,
-    out: Annotated[Path, typer.Option("--out", help="Folder that receives the run folder.")] = Path("results"),
+    vllm_gpu_memory: Annotated[
+        float, typer.Option("--vllm-gpu-memory", help="vLLM gpu_memory_utilization.")
+    ] = 0.85,
+    out: Annotated[Path, typer.Option("--out", help="Folder that receives the run folder.")] = Path(
+        "results"
+    ),
     run_name: Annotated[
         str, typer.Option("--run-name", help="Run folder (fp4kv/ and vllm/ eval runs, bench_eval.json).")
     ] = "bench-eval",

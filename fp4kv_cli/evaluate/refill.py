@@ -231,7 +231,9 @@ def refill_static(
         if len({layer.capacity for layer in cache.layers}) != 1:
             raise ValueError("refilled static decoding needs one capacity for every layer")
         if not on or not all(fusable(layer) for layer in cache.layers):
-            raise ValueError("refilled static decoding needs the fused decode attention; check refill_refusal")
+            raise ValueError(
+                "refilled static decoding needs the fused decode attention; check refill_refusal"
+            )
         if capacity < capacity_needed:
             raise ValueError(f"the cache holds {capacity} tokens per row, {capacity_needed} are needed")
         row_stops = stops(batch, device)

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from fp4kv_cli.cli import app
 
-pytest.importorskip("vllm", reason="real-engine tier: pip install -e '.[engines]' (scripts/install_engines.sh)")
+pytest.importorskip(
+    "vllm", reason="real-engine tier: pip install -e '.[engines]' (scripts/install_engines.sh)"
+)
 
 from tests.conftest import char_tokenizer
 
