@@ -7,6 +7,9 @@
 #   scripts/gpu/eval_h200.sh fp8w        # GSM8K of the FP8-weight model with its own scales
 #   scripts/gpu/eval_h200.sh gputests    # the GPU tests of rotation, 4-over-6 and the kernels
 #   scripts/gpu/eval_h200.sh sampled K   # sampled protocol, K samples (resumes a smaller run)
+#   scripts/gpu/eval_h200.sh bencheval   # issue 18: fp4kv nvfp4 + center vs vLLM bf16, same 1319 prompts,
+#                                        # then fp4kv --no-refill for the per-question comparison
+#                                        # (needs the vLLM wheel set of ../shared/device/vllm in /tmp/w)
 # Results under /tmp/res (kept while the machine stays warm), copied to $OUT/res.tgz.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,5 +41,16 @@ case "${1:?stage}" in
     fp4kv eval gsm8k --model $q15 --scales docs/runs/q15.ck.scales.json --kv-dtype bf16,fp8,nvfp4 \
       --temperature 0.7 --top-p 0.8 --seed 0 --samples "${2:?K}" "${resume[@]}" --batch-size 512 \
       --no-fidelity --out $res --run-name q15-sampled 2>&1 | tee -a $res/sampled.log ;;
+  bencheval)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_v /tmp/w/*.whl
+    export PYTHONPATH=/tmp/site_v:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
+    python3 -m pytest -q -p no:cacheprovider tests/test_refill.py -k gpu 2>&1 | tee $res/bencheval.log
+    fp4kv bench eval --model $q15 --scales docs/runs/q15.ck.scales.json --kv-dtype nvfp4 --dtype bf16 \
+      --out $res --run-name bench-eval-q15 2>&1 | tee -a $res/bencheval.log
+    fp4kv eval gsm8k --model $q15 --scales docs/runs/q15.ck.scales.json --kv-dtype nvfp4 --dtype bf16 \
+      --no-refill --no-fidelity --out $res --run-name q15-norefill 2>&1 | tee -a $res/bencheval.log
+    python3 scripts/accuracy_table.py $res/bench-eval-q15/fp4kv $res/q15-norefill --out $res/refill-acc.json
+    python3 scripts/compare_runs.py $res/refill-acc.json --pair fp4kv:nvfp4 q15-norefill:nvfp4 \
+      --out $res/refill-pair.json 2>&1 | tee -a $res/bencheval.log ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac
