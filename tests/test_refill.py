@@ -249,7 +249,7 @@ def test_slot_stops_follow_each_slot(smollm2_dir: Path) -> None:
     columns = torch.tensor([width, 1, width])
     assert stops.update(columns).tolist() == [True, False, True]
     assert stops.counts(columns).tolist() == [len(ids(" 3 + 4")), 1, stop_at]
-    assert stops.tokens(2, stop_at) == rows[2][:stop_at]
+    assert stops.tokens([2, 0], [stop_at, 2]) == [rows[2][:stop_at], rows[0][:2]]
 
 
 def test_eval_gsm8k_refills_by_default(

@@ -116,9 +116,10 @@ class SlotStops:
         """Tokens each slot's row keeps: to its stop, else all ``columns`` it has."""
         return torch.where(self.ends >= 0, self.ends, columns)
 
-    def tokens(self, row: int, count: int) -> list[int]:
-        """The first ``count`` generated tokens of slot ``row``."""
-        return self.history[row, self.tail : self.tail + count].tolist()
+    def tokens(self, rows: Sequence[int], counts: Sequence[int]) -> list[list[int]]:
+        """The first ``counts[i]`` generated tokens of slot ``rows[i]`` (one copy to the host)."""
+        picked = self.history[torch.tensor(list(rows), device=self.history.device), self.tail :].tolist()
+        return [row[:count] for row, count in zip(picked, counts)]
 
 
 @dataclass
@@ -322,7 +323,7 @@ def refill_static(
                         kept = row_stops.counts(state.columns).tolist()
                         finished = Finished(
                             [item_of[row] for row in free],
-                            [row_stops.tokens(row, kept[row]) for row in free],
+                            row_stops.tokens(free, [kept[row] for row in free]),
                             [chunk_of[row] for row in free],
                             time.perf_counter() - clock,
                             int((state.slots % capacity).sum()),
