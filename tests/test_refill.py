@@ -1,19 +1,19 @@
 """Refilled static decode (continuous batching) against the batch path: every question's tokens.
 
 The decode steps read the cache's buffers through a stand-in for the Triton kernel: a PyTorch
-reader that dequantizes every slot with the layer's methods and attends under the step's mask
-(the interpreted kernel takes minutes for these step counts on a CPU). One test runs the
+reader (``scripts/refill_measure.py``) that dequantizes every slot with the layer's methods and
+attends under the step's mask (the interpreted kernel takes minutes for these step counts on a CPU). One test runs the
 interpreted kernel itself, at a small size.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fp4kv_cli import fused_attention
@@ -33,31 +33,8 @@ STOPS = ["Question:", "\n\n"]
 
 
 def torch_reader() -> SimpleNamespace:
-    """A decode-attention "kernel" module in PyTorch: every slot dequantized by the layout's
-    method, fp32 attention under the mask (what the Triton kernel computes, up to rounding)."""
-    from fp4kv_cli.quant.kernels.decode_attention import FORMAT_IDS, KVSource
-
-    def values(source: KVSource, dtype: torch.dtype) -> torch.Tensor:
-        method = get_kv_cache_method(source.fmt, dtype=source.data.dtype) if source.fmt == "bf16" else (
-            get_kv_cache_method(source.fmt))  # fmt: skip
-        return method.dequantize(source.data, source.block_scales, None, source.tensor_scale, torch.float32)
-
-    def decode_attention(q, k, v, length, capacity, mask, scale, num_splits=None):
-        batch, q_heads, dim = q.shape
-        keys = values(k, q.dtype).view(batch, capacity, -1, dim)[:, :length].permute(0, 2, 3, 1)
-        vals = values(v, q.dtype).view(batch, capacity, -1, dim)[:, :length].transpose(1, 2)
-        query = q.float().view(batch, keys.shape[1], -1, dim)  # [batch, kv heads, group, dim]
-        scores = torch.matmul(query, keys) * scale  # [batch, kv heads, group, length]
-        if mask is not None:
-            scores = scores.masked_fill(~mask.expand(batch, length)[:, None, None, :], -math.inf)
-        return torch.matmul(scores.softmax(-1), vals).reshape(batch, q_heads, dim).to(q.dtype)
-
-    def can_read(fmt, buffer_dtype, model_dtype, head_dim, device):
-        return fmt in FORMAT_IDS and (fmt != "bf16" or buffer_dtype == model_dtype)
-
-    return SimpleNamespace(
-        KVSource=KVSource, decode_attention=decode_attention, can_read=can_read, INTERPRETED=True
-    )
+    """The PyTorch stand-in for the decode-attention kernel (``scripts/refill_measure.py``)."""
+    return load_script("refill_measure").torch_reader()
 
 
 @pytest.fixture
@@ -134,7 +111,9 @@ def check_refill_equals_batches(folder: Path, fmt: str, device: str) -> None:
     for batch, order in ((3, range(7)), (2, [6, 5, 4, 3, 2, 1, 0]), (4, [3, 0, 6, 1, 5, 2, 4])):
         order = list(order)
         counts[batch] = RefillCounts()
-        got = refilled(model, tokenizer, [prompts[i] for i in order], make, config, batch, counts=counts[batch])
+        got = refilled(
+            model, tokenizer, [prompts[i] for i in order], make, config, batch, counts=counts[batch]
+        )
         assert [got[order.index(i)] for i in range(7)] == want, (batch, order)
         assert counts[batch].rows == 7 and counts[batch].kept_tokens == sum(row.new_tokens for row in want)
         assert counts[batch].prefills > 1
