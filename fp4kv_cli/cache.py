@@ -30,7 +30,7 @@ centering); reads need no correction since softmax cancels the shift ``q . k_off
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,14 +45,17 @@ from fp4kv_cli.quant.storage import KVStorage
 CAPACITY_CHUNK = 256
 #: Layer types whose K/V this cache can hold; sliding-window layers are stored in full.
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+#: Slot tensors :class:`_SharedState` keeps (oldest dropped first).
+SLOT_MEMO = 4
 
 
 @dataclass
 class _SharedState:
     """State every layer of one cache shares: the prefill token mask and slot indices.
 
-    The slot tensor is memoised by shape so that a decode step computes it once (in the first
-    layer) instead of once per layer, and the read of the step's token reuses the write's.
+    The slot tensors are memoised by shape so that a decode step computes its slots once (in the
+    first layer) instead of once per layer; a few are kept, so that a prefill chunk's write and
+    its read of the previous chunk (which alternate layer by layer) do not evict each other.
     """
 
     token_mask: torch.Tensor | None = None
@@ -60,17 +63,20 @@ class _SharedState:
     #: device tensor, the slot each row writes this step (``row * capacity + position``); its
     #: owner advances it between steps.
     static_slots: torch.Tensor | None = None
-    _write: tuple[tuple[Any, ...], torch.Tensor] | None = None
+    _slots: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
 
     def write_loc(
         self, batch: int, capacity: int, start: int, length: int, device: torch.device
     ) -> torch.Tensor:
         """Slots ``[batch * length]`` int64 of positions ``start .. start+length-1`` of every row, row-major."""
         key = (batch, capacity, start, length, device)
-        if self._write is None or self._write[0] != key:
+        slots = self._slots.get(key)
+        if slots is None:
+            if len(self._slots) >= SLOT_MEMO:
+                del self._slots[next(iter(self._slots))]  # the oldest
             rows = torch.arange(batch, device=device).unsqueeze(1) * capacity
-            self._write = (key, (rows + torch.arange(start, start + length, device=device)).reshape(-1))
-        return self._write[1]
+            slots = self._slots[key] = (rows + torch.arange(start, start + length, device=device)).reshape(-1)
+        return slots
 
 
 @dataclass
@@ -193,6 +199,10 @@ class QuantKVLayer(CacheLayerMixin):
         self.rotation = rotation
         self.k_method = method
         self.v_method = method if v_method is None else v_method
+        #: K and V stored alike (one method, or two of one parameterless type): one call writes both.
+        self._same_format = self.v_method is self.k_method or (
+            type(self.v_method) is type(self.k_method) and not vars(self.k_method) and not vars(self.v_method)
+        )
         self.shared = shared
         self.dynamic_k = self.k_method.uses_tensor_scale and k_scale is None
         self.dynamic_v = self.v_method.uses_tensor_scale and v_scale is None
@@ -256,15 +266,17 @@ class QuantKVLayer(CacheLayerMixin):
             self._set_dynamic_scales(stored, value_states)
         self._ensure_capacity(start + new)
         write = self.shared.write_loc(self.batch, self.capacity, start, new, self.device)
-        self._store(write, stored, value_states, key_states)
-        self.length = start + new
         if new == 1:
             if self._fusable is None:  # formats, dtype and device are fixed from here on
                 self._fusable = self.fuse_if is not None and self.fuse_if(self)
             self.kernel_step = self._fusable
             if self.kernel_step:  # the attention kernel reads the buffers (fp4kv_cli.fused_attention)
+                self._store(write, stored, value_states, key_states)
+                self.length = start + new
                 return key_states, value_states
-            return self._read(self.length)
+            return self._decode_step(write, stored, value_states, key_states)
+        self._store(write, stored, value_states, key_states)
+        self.length = start + new
         fresh_k = keys.to(self.dtype)
         if start == 0:
             return fresh_k, value_states
@@ -375,6 +387,35 @@ class QuantKVLayer(CacheLayerMixin):
         self.v_method.store(b.v, b.v_scale, write, flat_v, self.v_scale)
         if self.track_error:
             self._track_error(write, flat_k, flat_v, original_k)
+
+    def _decode_step(
+        self, write: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, original_k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token per row (``[batch, heads, 1, dim]``, K centered and rotated) at slots
+        ``write`` and return the layer's K and V for a gather-read decode step: the read buffer
+        gets the token's values from the store itself (:meth:`KVCacheMethod.store_and_read`, the
+        values a dequantize of its bytes gives), not from reading the buffers back."""
+        start = self.length
+        flat_k, flat_v = _to_rows(keys), _to_rows(values)
+        b = self.buffers
+        if self.rotation is None and self._same_format:  # K and V in one pass
+            k, v = self.k_method.store_and_read_pair(
+                (b.k, b.k_scale, b.v, b.v_scale), write, flat_k, flat_v, self.k_scale, self.v_scale, self.dtype
+            )
+        else:
+            k_dtype = self.dtype if self.rotation is None else torch.float32
+            k = self.k_method.store_and_read(b.k, b.k_scale, write, flat_k, self.k_scale, k_dtype)
+            v = self.v_method.store_and_read(b.v, b.v_scale, write, flat_v, self.v_scale, self.dtype)
+            if self.rotation is not None:  # back to the basis of the unrotated query, rounded once
+                k = self.rotation.apply(k).to(self.dtype)
+        if self.track_error:
+            self._track_error(write, flat_k, flat_v, original_k)
+        self.length = start + 1
+        self._read(start)  # the stored tokens before this one, dequantized where not yet
+        rb = self.read_buffer
+        rb.write(start, _from_rows(k, self.batch), _from_rows(v, self.batch))
+        rb.filled = self.length
+        return rb.view(self.length)
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:

@@ -103,22 +103,59 @@ def test_reads_are_bit_identical_to_redequantizing(name: str, center: bool, scal
     step(B, 1)
 
 
-def test_decode_dequantizes_only_the_new_token(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_reads_only_the_prefix_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first decode step dequantizes the prompt's stored tokens; every step's own token comes
+    from its store (``store_and_read_pair``), so later steps read nothing back from the buffers."""
     method = get_kv_cache_method("blockfp4")
     cache = QuantKVCache(method, num_layers=1)
     cache.update(*_kv(B, 40, 0), 0)
     counted: list[int] = []
-    original = method.dequantize
+    stored: list[int] = []
+    original, original_store = method.dequantize, method.store_and_read_pair
 
     def counting(data: torch.Tensor, scale: torch.Tensor, loc: torch.Tensor, *args: object) -> torch.Tensor:
         counted.append(int(loc.numel()))
         return original(data, scale, loc, *args)
 
+    def counting_store(buffers: tuple, loc: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        stored.append(int(loc.numel()))
+        return original_store(buffers, loc, *args)
+
     monkeypatch.setattr(method, "dequantize", counting)
-    cache.update(*_kv(B, 1, 1), 0)  # first read: the 40 stored tokens and the new one
+    monkeypatch.setattr(method, "store_and_read_pair", counting_store)
+    cache.update(*_kv(B, 1, 1), 0)  # first read: the 40 stored tokens
     cache.update(*_kv(B, 1, 2), 0)
     cache.update(*_kv(B, 1, 3), 0)
-    assert counted == [B * 41, B * 41, B, B, B, B]  # K and V each step
+    assert counted == [B * 40, B * 40]  # K and V, once
+    assert stored == [B] * 3  # K and V together, each step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["bf16", "fp8", "nvfp4", "nvfp4_4over6", "blockfp4"])
+def test_store_and_read_gives_what_dequantize_reads(name: str, dtype: torch.dtype) -> None:
+    """``store_and_read`` writes the bytes ``store`` writes and returns, bit for bit, what
+    ``dequantize`` of those slots gives (zero blocks, tiny, huge and tie values included)."""
+    method = get_kv_cache_method(name)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, H, D, generator=g) * 3
+    x[0, 0] = 0.0  # all-zero blocks
+    x[1, 0, :16] = 1e-30  # scales that underflow
+    x[1, 1, :16] = 3e4  # saturating ones
+    x[2, 0, :8] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.0])  # E2M1 ties
+    x = x.to(dtype)
+    scale = torch.tensor(0.01) if method.uses_tensor_scale else None
+    loc = torch.tensor([9, 2, 5, 0, 7, 3])
+    made = [method.create_buffers(12, H, D, 1, "cpu") for _ in range(2)]
+    (a_data, a_scale), (b_data, b_scale) = (
+        (m["k_buffer"][0], m["k_scale_buffer"][0] if m["k_scale_buffer"] else None) for m in made
+    )
+    method.store(a_data, a_scale, loc, x, scale)
+    got = method.store_and_read(b_data, b_scale, loc, x, scale, dtype)
+    assert torch.equal(a_data.view(torch.uint8), b_data.view(torch.uint8))
+    if a_scale is not None:
+        assert torch.equal(a_scale, b_scale)
+    want = method.dequantize(a_data, a_scale, loc, scale, dtype)
+    assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_fidelity_matches_redequantizing_reads(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,3 +181,56 @@ def test_fidelity_matches_redequantizing_reads(tiny_llama_dir: Path, monkeypatch
     monkeypatch.setattr(QuantKVLayer, "_read", reread)
     slow = teacher_forced_logits(model, prompt, answer, QuantKVCache.for_model(model.config, method))
     assert torch.equal(fast, slow)
+
+
+def test_fidelity_runs_the_reference_once_per_sample(tiny_llama_dir: Path) -> None:
+    """The reference format's own row reuses the reference pass: the same figures as a separate
+    pass of the same storage, one pass fewer per sample."""
+    from transformers import AutoModelForCausalLM
+
+    from fp4kv_cli.evaluate.fidelity import measure_fidelity
+    from fp4kv_cli.quant.methods import BF16KVMethod
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    samples = [(list(range(5, 45)), list(range(50, 70))), (list(range(7, 30)), list(range(60, 81)))]
+    made: list[str] = []
+
+    def make_cache(kv: str, hint: int) -> QuantKVCache:
+        made.append(kv)
+        method = BF16KVMethod(torch.float32) if kv in ("bf16", "copy") else get_kv_cache_method(kv)
+        return QuantKVCache.for_model(model.config, method, capacity_hint=hint)
+
+    shared = measure_fidelity(model, samples, make_cache, ["bf16", "nvfp4"])
+    assert made == ["bf16", "nvfp4"] * 2
+    separate = measure_fidelity(model, samples, make_cache, ["copy", "nvfp4"])
+    assert shared["nvfp4"] == separate["nvfp4"]
+    assert shared["bf16"] == separate["copy"]
+    assert shared["bf16"].kl == 0.0 and shared["bf16"].top1 == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["bf16", "fp8", "nvfp4", "nvfp4_4over6", "blockfp4"])
+def test_store_and_read_pair_is_two_store_and_reads(name: str, dtype: torch.dtype) -> None:
+    """K and V in one pass (each with its own scale) give the bytes and values of two calls."""
+    method = get_kv_cache_method(name)
+    g = torch.Generator().manual_seed(3)
+    k = (torch.randn(5, H, D, generator=g) * 4).float()  # centered K arrives in fp32
+    v = (torch.randn(5, H, D, generator=g) * 0.3).to(dtype)
+    v[0, 0] = 0.0
+    k_scale, v_scale = (torch.tensor(0.02), torch.tensor(0.003)) if method.uses_tensor_scale else (None, None)
+    loc = torch.tensor([4, 0, 7, 2, 1])
+
+    def buffers() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        made = method.create_buffers(8, H, D, 1, "cpu")
+        scales = made["k_scale_buffer"], made["v_scale_buffer"]
+        return made["k_buffer"][0], scales[0][0] if scales[0] else None, made["v_buffer"][0], scales[1][0] if scales[1] else None
+
+    one, two = buffers(), buffers()
+    got = method.store_and_read_pair(one, loc, k, v, k_scale, v_scale, dtype)
+    want = (
+        method.store_and_read(two[0], two[1], loc, k, k_scale, dtype),
+        method.store_and_read(two[2], two[3], loc, v, v_scale, dtype),
+    )
+    for a, b in zip(one, two):
+        assert (a is None and b is None) or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert all(torch.equal(x, y) for x, y in zip(got, want))

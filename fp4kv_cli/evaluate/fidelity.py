@@ -76,7 +76,8 @@ def measure_fidelity(
     samples:
         ``(prompt_ids, answer_ids)`` token lists, each run as one unpadded sequence.
     make_cache:
-        ``make_cache(kv_dtype, capacity_hint)`` returns a fresh cache for one sequence.
+        ``make_cache(kv_dtype, capacity_hint)`` returns a fresh cache for one sequence (the
+        ``reference`` format's, also listed in ``kv_dtypes``, is run once per sample).
     """
     kl_sum = dict.fromkeys(kv_dtypes, 0.0)
     agree_sum = dict.fromkeys(kv_dtypes, 0)
@@ -84,14 +85,17 @@ def measure_fidelity(
     tokens = 0
     for prompt_ids, answer_ids in samples:
         length = len(prompt_ids) + len(answer_ids)
-        ref = torch.log_softmax(
-            teacher_forced_logits(model, prompt_ids, answer_ids, make_cache(reference, length)), -1
-        )
+        ref_cache = make_cache(reference, length)
+        ref_cache.track_errors()
+        ref = torch.log_softmax(teacher_forced_logits(model, prompt_ids, answer_ids, ref_cache), -1)
         tokens += ref.shape[0]
         for kv in kv_dtypes:
-            cache = make_cache(kv, length)
-            cache.track_errors()
-            logp = torch.log_softmax(teacher_forced_logits(model, prompt_ids, answer_ids, cache), -1)
+            if kv == reference:  # the same computation as the reference pass: its results
+                cache, logp = ref_cache, ref
+            else:
+                cache = make_cache(kv, length)
+                cache.track_errors()
+                logp = torch.log_softmax(teacher_forced_logits(model, prompt_ids, answer_ids, cache), -1)
             kl_sum[kv] += float((ref.exp() * (ref - logp)).sum())
             agree_sum[kv] += int((ref.argmax(-1) == logp.argmax(-1)).sum())
             errors = cache.error_sums().double()

@@ -22,6 +22,7 @@ from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill, r
 from fp4kv_cli.evaluate.sampling import ChosenTokenProcessor, RowSampler
 from fp4kv_cli.evaluate.static_decode import greedy_static, static_decode_supported
 from fp4kv_cli.fused_attention import fused_decode
+from fp4kv_cli.gqa_attention import gqa_decode
 from fp4kv_cli.models import cache_argument, input_device
 
 
@@ -155,7 +156,9 @@ def generate_tokens(
     extra: dict[str, Any] = {"tokenizer": tokenizer} if config.stop_strings else {}
     if sampler is not None:
         extra["logits_processor"] = LogitsProcessorList([ChosenTokenProcessor(sampler, input_ids.shape[1])])
-    with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext():
+    with torch.inference_mode(), fused_decode(model, cache) if fused else nullcontext() as on, (
+        nullcontext() if on else gqa_decode(model)
+    ):
         if row_chunk(prefill_chunk, input_ids.shape[0]) < input_ids.shape[1]:
             chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk, input_ids.shape[1] - 1)
         out = model.generate(

@@ -41,6 +41,11 @@ def row_chunk(chunk_tokens: int, batch: int) -> int:
     return max(1, chunk_tokens // max(batch, 1))
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions ``[batch, L]`` of left-padded rows: ``cumsum - 1`` of the mask, 0 on padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def chunked_prefill(
     model: Any,
     cache: QuantKVCache,
@@ -48,6 +53,7 @@ def chunked_prefill(
     attention_mask: torch.Tensor,
     chunk_tokens: int,
     end: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write the left-padded prompts ``input_ids [batch, L]`` (positions ``0 .. end-1``, all by
     default) into the fresh ``cache`` in chunks; returns the logits ``[batch, vocab]`` at the
@@ -62,13 +68,16 @@ def chunked_prefill(
     end:
         Write only the first ``end`` positions (``L - 1`` leaves the last prompt token for
         ``generate`` to feed, which continues from a filled cache).
+    positions:
+        The rotary positions ``[batch, L]`` of ``attention_mask`` if the caller has them already.
     """
     batch, length = input_ids.shape
     end = length if end is None else end
     if not 0 < end <= length:
         raise ValueError(f"prefill end must be in 1..{length}, got {end}")
     step = row_chunk(chunk_tokens, batch)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if positions is None:
+        positions = mask_positions(attention_mask)
     argument = {cache_argument(model): cache}
     logits = None
     with torch.inference_mode():

@@ -25,7 +25,7 @@ import torch
 
 from fp4kv_cli import fused_attention
 from fp4kv_cli.cache import QuantKVCache
-from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill
+from fp4kv_cli.evaluate.prefill import DEFAULT_PREFILL_CHUNK, chunked_prefill, mask_positions
 from fp4kv_cli.fused_attention import fusable, fused_decode
 from fp4kv_cli.models import cache_argument
 
@@ -119,8 +119,8 @@ def greedy_static(
     choose = choose or _argmax
     argument = {cache_argument(model): cache}
     with torch.inference_mode(), fused_decode(model, cache) as on:
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk)
+        positions = mask_positions(attention_mask)
+        logits = chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk, positions=positions)
         tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         tokens[:, 0] = choose(logits, torch.zeros(1, dtype=torch.long, device=device))
         capacities = {layer.capacity for layer in cache.layers}

@@ -85,6 +85,55 @@ class TorchBackend:
         data_buffer[loc] = packed.view(n, heads, dim // 2)
         scale_buffer[loc] = scales.view(n, heads, dim // 16)
 
+    def quantize_store_readback(
+        self,
+        fmt: str,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor,
+        loc: torch.Tensor,
+        x: torch.Tensor,
+        global_scale: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """:meth:`quantize_and_store`, then ``[N, H, K]`` of ``dtype``: what :meth:`dequantize_gather`
+        of slots ``loc`` now gives, bit for bit, computed from the quantizer's own codes and block
+        scales instead of reading the buffers back."""
+        n, heads, dim = x.shape
+        packed, scales, values = reference.fp4_quantize_readback(
+            fmt, x.reshape(n * heads, dim), None if fmt == "blockfp4" else _require(global_scale), dtype
+        )
+        data_buffer[loc] = packed.view(n, heads, dim // 2)
+        scale_buffer[loc] = scales.view(n, heads, dim // 16)
+        return values.view(n, heads, dim)
+
+    def quantize_store_readback_pair(
+        self,
+        fmt: str,
+        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        loc: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_global: torch.Tensor | None,
+        v_global: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`quantize_store_readback` of one layer's K and V ``[N, H, K]`` (``buffers``: K data,
+        K scales, V data, V scales) in one quantizer pass over their rows, each row with its
+        tensor's global scale: the same bytes and values as two calls, in half the small ops."""
+        n, heads, dim = k.shape
+        rows = n * heads
+        x = torch.cat([k.reshape(rows, dim), v.reshape(rows, dim)])
+        g = None
+        if fmt != "blockfp4":
+            g = torch.stack([_require(k_global), _require(v_global)]).repeat_interleave(rows).unsqueeze(-1)
+        packed, scales, values = reference.fp4_quantize_readback(fmt, x, g, dtype)
+        k_data, k_scales, v_data, v_scales = buffers
+        k_data[loc] = packed[:rows].view(n, heads, dim // 2)
+        v_data[loc] = packed[rows:].view(n, heads, dim // 2)
+        k_scales[loc] = scales[:rows].view(n, heads, dim // 16)
+        v_scales[loc] = scales[rows:].view(n, heads, dim // 16)
+        return values[:rows].view(n, heads, dim), values[rows:].view(n, heads, dim)
+
     def dequantize_gather(
         self,
         fmt: str,

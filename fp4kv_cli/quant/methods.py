@@ -106,6 +106,39 @@ class KVCacheMethod(ABC):
     ) -> torch.Tensor:
         """Read slots ``loc [N]`` (all if None) back as ``[N, heads, head_dim]`` of ``dtype``."""
 
+    def store_and_read(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """:meth:`store` ``x`` at ``loc``, then return what :meth:`dequantize` of those slots gives
+        (``[N, heads, head_dim]`` of ``dtype``, bit for bit). Formats override it to derive the
+        values from the bytes they just computed instead of reading the buffers back."""
+        self.store(data_buffer, scale_buffer, loc, x, scale)
+        return self.dequantize(data_buffer, scale_buffer, loc, scale, dtype)
+
+    def store_and_read_pair(
+        self,
+        buffers: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+        loc: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_scale: float | torch.Tensor | None,
+        v_scale: float | torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`store_and_read` of a layer's K and V stored in this format (``buffers``: K data,
+        K scales, V data, V scales); formats override it to quantize both in one pass."""
+        k_data, k_scales, v_data, v_scales = buffers
+        return (
+            self.store_and_read(k_data, k_scales, loc, k, k_scale, dtype),
+            self.store_and_read(v_data, v_scales, loc, v, v_scale, dtype),
+        )
+
     @abstractmethod
     def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int = 2) -> int:
         """Bytes one token occupies over all layers, block scales included.
@@ -207,6 +240,37 @@ class FP4KVCacheQuantMethod(KVCacheMethod):
             self.name, data_buffer, scale_buffer, loc, x, self._global(scale, x.device)
         )
 
+    def store_and_read(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        if dtype == torch.float8_e4m3fn:
+            return super().store_and_read(data_buffer, scale_buffer, loc, x, scale, dtype)
+        return get_backend(x.device).quantize_store_readback(
+            self.name, data_buffer, scale_buffer, loc, x, self._global(scale, x.device), dtype
+        )
+
+    def store_and_read_pair(
+        self,
+        buffers: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+        loc: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_scale: float | torch.Tensor | None,
+        v_scale: float | torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype == torch.float8_e4m3fn:
+            return super().store_and_read_pair(buffers, loc, k, v, k_scale, v_scale, dtype)
+        return get_backend(k.device).quantize_store_readback_pair(
+            self.name, buffers, loc, k, v, self._global(k_scale, k.device), self._global(v_scale, k.device), dtype
+        )
+
     def dequantize(
         self,
         data_buffer: torch.Tensor,
@@ -305,6 +369,21 @@ class FP8KVMethod(KVCacheMethod):
             raise ValueError("fp8 needs the layer's per-tensor scale (k_scale / v_scale)")
         data_buffer[loc] = reference.fp8_quantize_reference(x, scale)
 
+    def store_and_read(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        if scale is None:
+            raise ValueError("fp8 needs the layer's per-tensor scale (k_scale / v_scale)")
+        data = reference.fp8_quantize_reference(x, scale)
+        data_buffer[loc] = data
+        return reference.fp8_dequantize_reference(data, scale, dtype)
+
     def dequantize(
         self,
         data_buffer: torch.Tensor,
@@ -351,6 +430,19 @@ class BF16KVMethod(KVCacheMethod):
         scale: float | torch.Tensor | None,
     ) -> None:
         data_buffer[loc] = x.to(data_buffer.dtype)
+
+    def store_and_read(
+        self,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor | None,
+        loc: torch.Tensor,
+        x: torch.Tensor,
+        scale: float | torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        data = x.to(data_buffer.dtype)
+        data_buffer[loc] = data
+        return data.to(dtype)
 
     def dequantize(
         self,

@@ -192,6 +192,36 @@ def blockfp4_dequantize_reference(
     return values.reshape(packed.shape[0], -1).to(dtype)
 
 
+def fp4_quantize_readback(
+    fmt: str, x: torch.Tensor, global_scale: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x [M, K]`` in ``fmt`` (``nvfp4``, ``nvfp4_4over6`` or ``blockfp4``) and return
+    ``(packed, scales, values)``: the bytes of the format's quantizer and ``values [M, K]`` of
+    ``dtype``, bit for bit what its dequantize of those bytes gives (same fp32 operations on the
+    same codes and block scales), without unpacking them again: what a cache write that also
+    fills a read buffer needs. ``global_scale`` (NVFP4) is one scale, or ``[M, 1]`` float32, one
+    per row (each row then gets exactly the bytes and values its own scale gives: K and V rows,
+    each with its tensor's scale, quantized in one pass)."""
+    xb = _blocks(x)
+    if fmt == "blockfp4":
+        scale_byte = ue8m0_encode(xb.abs().amax(dim=-1))
+        inverse = ue8m0_decode((2 * 127 - scale_byte.to(torch.int32)).clamp(0, 254).to(torch.uint8))
+        codes = e2m1_encode(xb * inverse.unsqueeze(-1))
+        values = e2m1_decode(codes) * ue8m0_decode(scale_byte).unsqueeze(-1)
+    else:
+        per_row = isinstance(global_scale, torch.Tensor) and global_scale.dim() == 2
+        g = global_scale.to(torch.float32) if per_row else as_global_scale(global_scale, x.device)
+        scale_byte, reciprocal, codes = _nvfp4_encode(xb, g, _ONE_SIXTH)
+        if fmt == "nvfp4_4over6":
+            sf4, r4, codes4 = _nvfp4_encode(xb, g, _ONE_FOURTH)
+            use4 = _writer_error(xb, r4, codes4) < _writer_error(xb, reciprocal, codes)
+            codes = torch.where(use4.unsqueeze(-1), codes4, codes)
+            scale_byte = torch.where(use4, sf4, scale_byte)
+        values = (e2m1_decode(codes) * e4m3_decode(scale_byte).unsqueeze(-1)) * (g.unsqueeze(-1) if per_row else g)
+    packed = pack_nibbles(codes.reshape(x.shape[0], -1))
+    return packed, scale_byte, values.reshape(x.shape[0], -1).to(dtype)
+
+
 def fp8_quantize_reference(
     x: torch.Tensor, scale: float | torch.Tensor, check: bool = False
 ) -> torch.Tensor:
@@ -234,6 +264,7 @@ __all__ = [
     "blockfp4_quantize_reference",
     "check_finite",
     "check_global_scale",
+    "fp4_quantize_readback",
     "fp8_dequantize_reference",
     "fp8_quantize_reference",
     "nvfp4_4over6_quantize_reference",

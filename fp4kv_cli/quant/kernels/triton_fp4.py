@@ -527,6 +527,38 @@ class TritonBackend(TorchBackend):
         loc = loc.to(device=x.device, dtype=torch.int64).contiguous()
         self._launch_quantize(fmt, x, data_buffer, scale_buffer, loc, global_scale)
 
+    def quantize_store_readback(
+        self,
+        fmt: str,
+        data_buffer: torch.Tensor,
+        scale_buffer: torch.Tensor,
+        loc: torch.Tensor,
+        x: torch.Tensor,
+        global_scale: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The store kernel, then the gather kernel of the same slots (one launch each)."""
+        self.quantize_and_store(fmt, data_buffer, scale_buffer, loc, x, global_scale)
+        return self.dequantize_gather(fmt, data_buffer, scale_buffer, loc, global_scale, dtype)
+
+    def quantize_store_readback_pair(
+        self,
+        fmt: str,
+        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        loc: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_global: torch.Tensor | None,
+        v_global: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, then V, through :meth:`quantize_store_readback` (the kernels)."""
+        k_data, k_scales, v_data, v_scales = buffers
+        return (
+            self.quantize_store_readback(fmt, k_data, k_scales, loc, k, k_global, dtype),
+            self.quantize_store_readback(fmt, v_data, v_scales, loc, v, v_global, dtype),
+        )
+
     def dequantize_gather(
         self,
         fmt: str,
