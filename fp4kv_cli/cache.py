@@ -400,7 +400,13 @@ class QuantKVLayer(CacheLayerMixin):
         b = self.buffers
         if self.rotation is None and self._same_format:  # K and V in one pass
             k, v = self.k_method.store_and_read_pair(
-                (b.k, b.k_scale, b.v, b.v_scale), write, flat_k, flat_v, self.k_scale, self.v_scale, self.dtype
+                (b.k, b.k_scale, b.v, b.v_scale),
+                write,
+                flat_k,
+                flat_v,
+                self.k_scale,
+                self.v_scale,
+                self.dtype,
             )
         else:
             k_dtype = self.dtype if self.rotation is None else torch.float32

@@ -42,8 +42,8 @@ from fp4kv_cli.atomic import write_json_atomic
 from fp4kv_cli.evaluate.fidelity import teacher_forced_logits
 from fp4kv_cli.evaluate.generate import generate_batch, left_pad, neutral_generation_defaults
 from fp4kv_cli.evaluate.prefill import chunked_prefill
-from fp4kv_cli.gqa_attention import gqa_decode
 from fp4kv_cli.evaluate.runner import cache_factory, load_scales_for, teacher_forced_samples
+from fp4kv_cli.gqa_attention import gqa_decode
 from fp4kv_cli.model_config import load_config_dict
 from fp4kv_cli.models import load_model_and_tokenizer, parse_dtype, resolve_device
 

@@ -20,7 +20,9 @@ from fp4kv_cli.quant.registry import get_kv_cache_method
 def test_decode_logits_are_bit_identical_to_repeat_kv(tiny_llama_dir: Path) -> None:
     model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir), "cpu", "fp32")
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # a GQA model
-    prompts = [tokenizer(t)["input_ids"] for t in ("Question: 2 + 3 = ?", "Hi", "A longer prompt, with words.")]
+    prompts = [
+        tokenizer(t)["input_ids"] for t in ("Question: 2 + 3 = ?", "Hi", "A longer prompt, with words.")
+    ]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, torch.device("cpu"))  # padding: a mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = []
@@ -36,7 +38,9 @@ def test_decode_logits_are_bit_identical_to_repeat_kv(tiny_llama_dir: Path) -> N
                 for _ in range(4):
                     step_mask = torch.cat([step_mask, step_mask.new_ones(step_mask.shape[0], 1)], 1)
                     pos = pos + 1
-                    out = model(input_ids=token, attention_mask=step_mask, position_ids=pos, past_key_values=cache)
+                    out = model(
+                        input_ids=token, attention_mask=step_mask, position_ids=pos, past_key_values=cache
+                    )
                     steps.append(out.logits[:, -1])
                     token = out.logits[:, -1].argmax(-1, keepdim=True)
         assert model.config._attn_implementation == "sdpa"  # restored
@@ -63,7 +67,9 @@ def test_generate_batch_uses_it_and_gives_the_same_tokens(
         if not gqa:
             monkeypatch.setattr(generate, "gqa_decode", lambda model: nullcontext(False))
         cache = QuantKVCache.for_model(model.config, get_kv_cache_method("fp8"), capacity_hint=64)
-        runs.append(generate.generate_batch(model, tokenizer, prompts, cache, config, ["Question:"], "gather"))
+        runs.append(
+            generate.generate_batch(model, tokenizer, prompts, cache, config, ["Question:"], "gather")
+        )
         if gqa:
             assert any(grouped)  # the decode steps ran through it
             grouped.clear()

@@ -55,7 +55,9 @@ def _check(cache: QuantKVCache, k: torch.Tensor, v: torch.Tensor) -> None:
 @pytest.mark.parametrize("scales", ["calibrated", "dynamic"])
 @pytest.mark.parametrize("center", [False, True])
 @pytest.mark.parametrize("name", ["fp8", "nvfp4", "blockfp4"])
-def test_reads_are_bit_identical_to_redequantizing(name: str, center: bool, scales: str, dtype: torch.dtype) -> None:
+def test_reads_are_bit_identical_to_redequantizing(
+    name: str, center: bool, scales: str, dtype: torch.dtype
+) -> None:
     method = get_kv_cache_method(name)
     layer_scales = None
     if scales == "calibrated" and method.uses_tensor_scale:
@@ -223,7 +225,12 @@ def test_store_and_read_pair_is_two_store_and_reads(name: str, dtype: torch.dtyp
     def buffers() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         made = method.create_buffers(8, H, D, 1, "cpu")
         scales = made["k_scale_buffer"], made["v_scale_buffer"]
-        return made["k_buffer"][0], scales[0][0] if scales[0] else None, made["v_buffer"][0], scales[1][0] if scales[1] else None
+        return (
+            made["k_buffer"][0],
+            scales[0][0] if scales[0] else None,
+            made["v_buffer"][0],
+            scales[1][0] if scales[1] else None,
+        )
 
     one, two = buffers(), buffers()
     got = method.store_and_read_pair(one, loc, k, v, k_scale, v_scale, dtype)

@@ -268,7 +268,14 @@ class FP4KVCacheQuantMethod(KVCacheMethod):
         if dtype == torch.float8_e4m3fn:
             return super().store_and_read_pair(buffers, loc, k, v, k_scale, v_scale, dtype)
         return get_backend(k.device).quantize_store_readback_pair(
-            self.name, buffers, loc, k, v, self._global(k_scale, k.device), self._global(v_scale, k.device), dtype
+            self.name,
+            buffers,
+            loc,
+            k,
+            v,
+            self._global(k_scale, k.device),
+            self._global(v_scale, k.device),
+            dtype,
         )
 
     def dequantize(

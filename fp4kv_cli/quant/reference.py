@@ -217,7 +217,8 @@ def fp4_quantize_readback(
             use4 = _writer_error(xb, r4, codes4) < _writer_error(xb, reciprocal, codes)
             codes = torch.where(use4.unsqueeze(-1), codes4, codes)
             scale_byte = torch.where(use4, sf4, scale_byte)
-        values = (e2m1_decode(codes) * e4m3_decode(scale_byte).unsqueeze(-1)) * (g.unsqueeze(-1) if per_row else g)
+        row_g = g.unsqueeze(-1) if per_row else g
+        values = (e2m1_decode(codes) * e4m3_decode(scale_byte).unsqueeze(-1)) * row_g
     packed = pack_nibbles(codes.reshape(x.shape[0], -1))
     return packed, scale_byte, values.reshape(x.shape[0], -1).to(dtype)
 
