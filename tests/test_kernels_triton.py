@@ -267,6 +267,31 @@ def test_fused_store_and_gather_scattered_slots(
         )
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_store_readback_kernels_match_the_reference(triton_backend: TorchBackend, fmt: str) -> None:
+    """The kernels' store + read back (one tensor, and K and V as a pair with their own global
+    scales) write the reference's bytes and return its values."""
+    gen = torch.Generator().manual_seed(9)
+    tokens, heads, dim, slots = 5, 2, 32, 12
+    k = torch.randn(tokens, heads, dim, generator=gen) * 3
+    v = (torch.randn(tokens, heads, dim, generator=gen) * 0.2).to(torch.bfloat16)
+    loc = torch.randperm(slots, generator=gen)[:tokens]
+    gk, gv = fmt_scale(fmt, amax_scale(k)), fmt_scale(fmt, amax_scale(v.float()))
+    out = {}
+    for name, backend in (("kernel", triton_backend), ("reference", TorchBackend())):
+        bufs = tuple(
+            torch.zeros(slots, heads, width, dtype=torch.uint8) for width in (dim // 2, dim // 16) * 2
+        )
+        single = backend.quantize_store_readback(fmt, bufs[0], bufs[1], loc, k, gk, torch.float32)
+        pair = backend.quantize_store_readback_pair(fmt, bufs, loc, k, v, gk, gv, torch.float32)
+        out[name] = (bufs, single, pair)
+    kernel, reference = out["kernel"], out["reference"]
+    assert all(torch.equal(a, b) for a, b in zip(kernel[0], reference[0]))
+    assert_same_bits(kernel[1], reference[1])
+    for a, b in zip(kernel[2], reference[2]):
+        assert_same_bits(a, b)
+
+
 def four_over_six_blocks() -> torch.Tensor:
     """fp32 ``[6, 16]``: the constructed 4-vs-6 blocks of tests/test_quant_reference.py (g = 1)."""
     rows = [
